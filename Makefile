@@ -1,0 +1,49 @@
+# Persona: the two commands a newcomer needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install demo test lint format cassandra-start cassandra-stop bench bench-quick clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/persona demo $(DEMO_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Everything on a fresh machine: deps, Cassandra jars, a running node, the suite.
+# The node is stopped afterwards (even when tests fail) unless it was already running.
+test: install
+	$(BIN)/persona cassandra fetch
+	$(BIN)/ruff check .
+	@was_running=0; $(BIN)/persona cassandra status >/dev/null 2>&1 && was_running=1; \
+	$(BIN)/persona cassandra start || exit 1; \
+	$(BIN)/pytest $(PYTEST_ARGS); status=$$?; \
+	if [ $$was_running = 0 ]; then $(BIN)/persona cassandra stop; fi; \
+	exit $$status
+
+cassandra-start: install
+	$(BIN)/persona cassandra start
+
+cassandra-stop: install
+	$(BIN)/persona cassandra stop
+
+bench: install
+	$(BIN)/python -m bench.store_bench
+
+clean:
+	rm -rf $(VENV) .cache data .pytest_cache .ruff_cache .hypothesis

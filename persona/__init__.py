@@ -1,0 +1,1 @@
+"""Persona's shared base: settings and the errors every tier raises."""

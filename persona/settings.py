@@ -1,0 +1,143 @@
+"""The one settings object: every knob with its default, read from PERSONA_* variables.
+
+Each field below is a setting; its environment variable is ``PERSONA_`` plus the
+field name in upper case (``half_life_days`` -> ``PERSONA_HALF_LIFE_DAYS``). An
+optional YAML file named by ``PERSONA_CONFIG`` supplies values first; environment
+variables win over it. Dict-valued settings take JSON in the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from persona.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _default_data_dir() -> str:
+    # In a checkout, keep data next to the code (git-ignored); installed elsewhere, in $HOME.
+    if (PROJECT_ROOT / "pyproject.toml").exists():
+        return str(PROJECT_ROOT / "data")
+    return str(Path.home() / ".persona")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- where things live ---
+    data_dir: str = field(default_factory=_default_data_dir)
+    # Empty means sqlite:///<data_dir>/persona.db (the embedded default).
+    store_url: str = ""
+    # Ray namespace that holds the shard actors; Serve replicas look shards up in it.
+    namespace: str = "persona"
+
+    # --- partitions and shards ---
+    # Fixed when a deployment is first created and stored; changing it later is refused.
+    partitions: int = 256
+    shards: int = 2
+
+    # --- profile model ---
+    half_life_days: float = 7.0
+    top_k_topics: int = 64
+    recent_actions: int = 100
+    # Items remembered as hidden, so they are never recommended again (bounded).
+    hidden_items: int = 200
+    action_weights: dict = field(
+        default_factory=lambda: {
+            "view": 1.0,
+            "click": 3.0,
+            "like": 4.0,
+            "save": 5.0,
+            "share": 6.0,
+            "purchase": 8.0,
+            "hide": -8.0,
+        }
+    )
+    embedding_dim: int = 32
+
+    # --- events ---
+    max_batch_events: int = 10_000
+    max_future_seconds: float = 86_400.0
+
+    # --- durability ---
+    checkpoint_interval_s: float = 30.0
+    checkpoint_dirty_threshold: int = 50_000
+    # Journal rows per Cassandra partition: bounds partition size (a row is one batch).
+    journal_bucket_rows: int = 64
+    # Batch ids remembered for duplicate detection (persisted with checkpoints).
+    remembered_batch_ids: int = 100_000
+
+    # --- Cassandra ---
+    cassandra_write_concurrency: int = 64
+    cassandra_timeout_s: float = 10.0
+    cassandra_port: int = 9042
+    cassandra_storage_port: int = 7000
+    cassandra_heap: str = "1G"
+
+    # --- serving ---
+    api_token: str = ""
+    protect_reads: bool = False
+    max_body_bytes: int = 8 * 1024 * 1024
+    http_port: int = 8000
+
+    def resolved_store_url(self) -> str:
+        if self.store_url:
+            return self.store_url
+        return f"sqlite:///{Path(self.data_dir) / 'persona.db'}"
+
+    @property
+    def half_life_seconds(self) -> float:
+        return self.half_life_days * 86_400.0
+
+
+def _coerce(name: str, raw, kind):
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(f"not a boolean: {raw!r}")
+        if kind is dict:
+            value = json.loads(raw) if isinstance(raw, str) else raw
+            if not isinstance(value, dict):
+                raise ValueError("expected a JSON object")
+            return value
+        return kind(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name} (PERSONA_{name.upper()}): {exc}") from exc
+
+
+_KINDS = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict}
+
+
+def load_settings(env: dict[str, str] | None = None, **overrides) -> Settings:
+    """Settings from the YAML file (if any), then PERSONA_* variables, then overrides."""
+    env = os.environ if env is None else env
+    values: dict = {}
+    config_file = env.get("PERSONA_CONFIG")
+    if config_file:
+        import yaml
+
+        try:
+            values.update(yaml.safe_load(Path(config_file).read_text()) or {})
+        except OSError as exc:
+            raise ConfigError(f"PERSONA_CONFIG={config_file}: {exc}") from exc
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown settings in {config_file}: {sorted(unknown)}")
+    for name in fields:
+        key = f"PERSONA_{name.upper()}"
+        if key in env:
+            values[name] = env[key]
+    values.update(overrides)
+    typed = {name: _coerce(name, raw, _KINDS[fields[name].type]) for name, raw in values.items()}
+    return Settings(**typed)

@@ -1,0 +1,161 @@
+"""The store contract every backend implements (SQLite embedded, Cassandra production).
+
+Small on purpose: profiles, a per-shard journal, checkpoint positions, partition
+assignments with an epoch fence, the item catalog, user tombstones, and a little
+deployment metadata. Values are opaque bytes (see storage.codec); concurrency
+control lives here, not in callers: a stale partition owner or a second writer of
+the same journal position is refused by the store itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Who owns a partition, and the epoch that owner's writes are fenced with."""
+
+    owner: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A journal's durable position: every row at or below ``seq`` is reflected in the
+    stored profiles. ``meta`` is the shard's own blob (e.g. remembered batch ids)."""
+
+    seq: int
+    meta: bytes
+
+
+class Store(ABC):
+    """Durable tier. Every method may raise StoreUnavailable; reads of stored blobs
+    return bytes and leave decoding (and CorruptRecord) to storage.codec."""
+
+    url: str
+
+    # --- lifecycle ---
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers a trivial query."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # --- deployment metadata ---
+    @abstractmethod
+    def get_meta(self, key: str) -> str | None: ...
+
+    @abstractmethod
+    def put_meta_if_absent(self, key: str, value: str) -> str:
+        """Store ``value`` unless the key exists; return the value now stored."""
+
+    # --- profiles ---
+    @abstractmethod
+    def get_profiles(self, user_ids: Iterable[str]) -> dict[str, bytes]:
+        """Blobs of the users that exist; missing users are simply absent."""
+
+    @abstractmethod
+    def put_profiles(self, profiles: Mapping[str, bytes]) -> None: ...
+
+    @abstractmethod
+    def delete_profiles(self, user_ids: Iterable[str]) -> None: ...
+
+    @abstractmethod
+    def scan_profiles(self) -> Iterator[tuple[str, bytes]]:
+        """Every stored profile, in no particular order, streamed."""
+
+    # --- journal (one row per accepted batch) ---
+    @abstractmethod
+    def append_journal(
+        self, journal_id: str, seq: int, blob: bytes, fence: Mapping[int, int] | None = None
+    ) -> None:
+        """Write ``blob`` at (journal_id, seq).
+
+        Raises JournalConflict if that position is taken (a stale incarnation or a
+        seal got there first) and StaleEpoch if ``fence`` names a partition that
+        ``journal_id`` no longer owns at the given epoch."""
+
+    @abstractmethod
+    def read_journal(
+        self, journal_id: str, after_seq: int, limit: int | None = None
+    ) -> Iterator[tuple[int, bytes]]:
+        """Rows with seq > after_seq in ascending order. Positions are contiguous
+        (a writer never skips one), which is how a reader knows where the end is."""
+
+    @abstractmethod
+    def trim_journal(self, journal_id: str, up_to_seq: int) -> None:
+        """Delete rows with seq <= up_to_seq."""
+
+    # --- checkpoints ---
+    @abstractmethod
+    def get_checkpoint(self, journal_id: str) -> Checkpoint | None: ...
+
+    @abstractmethod
+    def put_checkpoint(self, journal_id: str, checkpoint: Checkpoint) -> None: ...
+
+    # --- partition assignments ---
+    @abstractmethod
+    def get_assignments(self) -> dict[int, Assignment]: ...
+
+    @abstractmethod
+    def claim_partitions(self, owner: str, expected_epochs: Mapping[int, int]) -> dict[int, int]:
+        """Give ``owner`` the partitions, compare-and-set on each partition's epoch
+        (0 = never assigned). Returns the new epochs; raises StaleEpoch and changes
+        nothing if any partition's epoch is not the expected one."""
+
+    # --- item catalog ---
+    @abstractmethod
+    def upsert_items(self, items: Mapping[str, bytes]) -> None: ...
+
+    @abstractmethod
+    def get_items(self, item_ids: Iterable[str]) -> dict[str, bytes]: ...
+
+    @abstractmethod
+    def scan_items(self) -> Iterator[tuple[str, bytes]]: ...
+
+    # --- tombstones (privacy deletes that replay must not undo) ---
+    @abstractmethod
+    def add_tombstones(self, deleted_at: Mapping[str, float]) -> None: ...
+
+    @abstractmethod
+    def get_tombstones(self, user_ids: Iterable[str]) -> dict[str, float]: ...
+
+    # --- helpers shared by backends ---
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def stale_claims(
+    expected_epochs: Mapping[int, int], current: Mapping[int, Assignment]
+) -> list[str]:
+    """The partitions whose stored epoch differs from the claimer's expectation."""
+    problems = []
+    for partition, expected in sorted(expected_epochs.items()):
+        stored = current[partition].epoch if partition in current else 0
+        if stored != expected:
+            problems.append(f"partition {partition} is at epoch {stored}, expected {expected}")
+    return problems
+
+
+def fence_violations(
+    owner: str, fence: Mapping[int, int], current: Mapping[int, Assignment]
+) -> list[str]:
+    """Why ``owner`` may not write under ``fence`` given the current assignments."""
+    problems = []
+    for partition, epoch in sorted(fence.items()):
+        now = current.get(partition)
+        if now is None:
+            problems.append(f"partition {partition} is not assigned")
+        elif now.owner != owner or now.epoch != epoch:
+            problems.append(
+                f"partition {partition} is owned by {now.owner} at epoch {now.epoch}, "
+                f"not {owner} at epoch {epoch}"
+            )
+    return problems

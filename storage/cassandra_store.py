@@ -1,0 +1,399 @@
+"""CassandraStore: the production store, on the DataStax/Apache Python driver.
+
+Prepared statements for every hot path; bulk reads and writes go out with bounded
+concurrency (execute_concurrent), one row per user (one blob, not a row per
+feature); journal appends and partition claims are lightweight transactions so a
+stale writer is refused by Cassandra itself. Driver timeouts and unavailability
+surface as StoreUnavailable with the node list and the cause.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from cassandra import (
+    ConsistencyLevel,
+    CoordinationFailure,
+    DriverException,
+    OperationTimedOut,
+    Timeout,
+    Unavailable,
+)
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable
+from cassandra.concurrent import execute_concurrent, execute_concurrent_with_args
+from cassandra.policies import DCAwareRoundRobinPolicy, RoundRobinPolicy, TokenAwarePolicy
+from cassandra.query import BatchStatement, BatchType, SimpleStatement
+
+from persona.errors import ConfigError, JournalConflict, StaleEpoch, StoreUnavailable
+from storage import cql
+from storage.base import Assignment, Checkpoint, Store, fence_violations, stale_claims
+
+log = logging.getLogger(__name__)
+
+_UNAVAILABLE = (
+    NoHostAvailable,
+    OperationTimedOut,
+    Timeout,
+    Unavailable,
+    CoordinationFailure,
+)
+
+
+@dataclass(frozen=True)
+class CassandraOptions:
+    hosts: tuple[str, ...]
+    port: int
+    keyspace: str
+    replication_factor: int = 1
+    strategy: str = "SimpleStrategy"
+    datacenter: str | None = None
+    consistency: str = "LOCAL_QUORUM"
+    timeout_s: float = 10.0
+    write_concurrency: int = 64
+    journal_bucket_rows: int = 64
+    # Multi-key requests: keys per IN query, rows and bytes per unlogged batch.
+    read_keys_per_query: int = 100
+    batch_rows: int = 100
+    batch_bytes: int = 40 * 1024
+
+    def replication_map(self) -> str:
+        if self.strategy == "SimpleStrategy":
+            return f"{{'class': 'SimpleStrategy', 'replication_factor': {self.replication_factor}}}"
+        if not self.datacenter:
+            raise ConfigError("NetworkTopologyStrategy needs datacenter=<name> in the store URL")
+        return (
+            f"{{'class': 'NetworkTopologyStrategy', "
+            f"'{self.datacenter}': {self.replication_factor}}}"
+        )
+
+
+class CassandraStore(Store):
+    def __init__(self, options: CassandraOptions):
+        self.options = options
+        self.url = (
+            f"cassandra://{','.join(options.hosts)}:{options.port}/{options.keyspace}"
+            f"?replication={options.replication_factor}&consistency={options.consistency}"
+        )
+        try:
+            consistency = ConsistencyLevel.name_to_value[options.consistency]
+        except KeyError as exc:
+            names = ", ".join(sorted(ConsistencyLevel.name_to_value))
+            raise ConfigError(
+                f"unknown consistency {options.consistency!r}; use one of {names}"
+            ) from exc
+        serial = (
+            ConsistencyLevel.SERIAL
+            if consistency in (ConsistencyLevel.QUORUM, ConsistencyLevel.ALL)
+            else ConsistencyLevel.LOCAL_SERIAL
+        )
+        balancing = (
+            TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=options.datacenter))
+            if options.datacenter
+            else TokenAwarePolicy(RoundRobinPolicy())
+        )
+        profile = ExecutionProfile(
+            load_balancing_policy=balancing,
+            consistency_level=consistency,
+            serial_consistency_level=serial,
+            request_timeout=options.timeout_s,
+        )
+        self._cluster = Cluster(
+            contact_points=list(options.hosts),
+            port=options.port,
+            execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+            connect_timeout=options.timeout_s,
+            # Schema agreement and topology refreshes are slow on a busy laptop.
+            control_connection_timeout=options.timeout_s,
+        )
+        with self._errors("connect"):
+            self._session = self._cluster.connect()
+            self._create_schema()
+        self._prepared = {}
+
+    # --- plumbing ---
+    @contextmanager
+    def _errors(self, what: str):
+        try:
+            yield
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(
+                f"Cassandra at {','.join(self.options.hosts)}:{self.options.port} "
+                f"could not {what}: {type(exc).__name__}: {exc}"
+            ) from exc
+        except DriverException as exc:
+            raise StoreUnavailable(f"Cassandra driver error during {what}: {exc}") from exc
+
+    def _stmt(self, text: str):
+        stmt = self._prepared.get(text)
+        if stmt is None:
+            with self._errors("prepare a statement"):
+                stmt = self._prepared[text] = self._session.prepare(text)
+        return stmt
+
+    def _create_schema(self) -> None:
+        ks = self.options.keyspace
+        self._session.execute(
+            cql.KEYSPACE.format(keyspace=ks, replication=self.options.replication_map())
+        )
+        self._session.set_keyspace(ks)
+        for ddl in cql.TABLES:
+            self._session.execute(ddl)
+
+    def _concurrent(self, text: str, params: list[tuple], what: str) -> list:
+        if not params:
+            return []
+        with self._errors(what):
+            results = execute_concurrent_with_args(
+                self._session,
+                self._stmt(text),
+                params,
+                concurrency=self.options.write_concurrency,
+                raise_on_first_error=True,
+                results_generator=False,
+            )
+        return [result for _ok, result in results]
+
+    def _bucket(self, seq: int) -> int:
+        return seq // self.options.journal_bucket_rows
+
+    def ping(self) -> None:
+        with self._errors("answer a ping"):
+            self._session.execute("SELECT release_version FROM system.local")
+
+    def close(self) -> None:
+        self._cluster.shutdown()
+
+    def keyspace_replication(self) -> dict[str, str]:
+        """The replication map Cassandra holds for this keyspace (for checks and tests)."""
+        with self._errors("read the keyspace schema"):
+            row = self._session.execute(
+                self._stmt(cql.KEYSPACE_REPLICATION), (self.options.keyspace,)
+            ).one()
+        return dict(row.replication) if row else {}
+
+    # --- meta ---
+    def get_meta(self, key: str) -> str | None:
+        with self._errors("read metadata"):
+            row = self._session.execute(self._stmt(cql.GET_META), (key,)).one()
+        return row.value if row else None
+
+    def put_meta_if_absent(self, key: str, value: str) -> str:
+        with self._errors("write metadata"):
+            result = self._session.execute(self._stmt(cql.INSERT_META_IF_ABSENT), (key, value))
+        return value if result.was_applied else result.one().value
+
+    # --- bulk reads and writes, grouped by replica ---
+    def _by_replica(self, keys: Iterable[str]) -> list[list[str]]:
+        """Keys grouped by the node that holds them, so that one multi-key request
+        (an IN query or an unlogged batch) touches one replica set, not the cluster."""
+        metadata = self._cluster.metadata
+        groups: dict[object, list[str]] = {}
+        for key in keys:
+            replicas = metadata.get_replicas(self.options.keyspace, key.encode())
+            groups.setdefault(replicas[0] if replicas else None, []).append(key)
+        return list(groups.values())
+
+    def _get_many(self, text: str, ids: Iterable[str], what: str) -> dict:
+        wanted = list(dict.fromkeys(ids))
+        step = self.options.read_keys_per_query
+        params = [
+            (group[at : at + step],)
+            for group in self._by_replica(wanted)
+            for at in range(0, len(group), step)
+        ]
+        found = {}
+        for rows in self._concurrent(text, params, what):
+            for key, value in rows:
+                found[key] = value
+        return found
+
+    def _write_many(self, text: str, rows: list[tuple], what: str) -> None:
+        """Unlogged batches of rows that share a replica, each under the byte budget
+        (Cassandra's batch_size_fail_threshold defaults to 50 KiB)."""
+        if not rows:
+            return
+        statement = self._stmt(text)
+        by_key = {row[0]: row for row in rows}
+        batches = []
+        for group in self._by_replica(by_key):
+            batch, size = BatchStatement(batch_type=BatchType.UNLOGGED), 0
+            for key in group:
+                row = by_key[key]
+                row_size = sum(len(v) for v in row if isinstance(v, bytes | str)) + 16
+                if len(batch) and (
+                    size + row_size > self.options.batch_bytes
+                    or len(batch) >= self.options.batch_rows
+                ):
+                    batches.append(batch)
+                    batch, size = BatchStatement(batch_type=BatchType.UNLOGGED), 0
+                batch.add(statement, row)
+                size += row_size
+            batches.append(batch)
+        with self._errors(what):
+            execute_concurrent(
+                self._session,
+                [(b, None) for b in batches],
+                concurrency=self.options.write_concurrency,
+                raise_on_first_error=True,
+                results_generator=False,
+            )
+
+    # --- profiles ---
+    def get_profiles(self, user_ids: Iterable[str]) -> dict[str, bytes]:
+        return self._get_many(cql.GET_PROFILES, user_ids, "read profiles")
+
+    def put_profiles(self, profiles: Mapping[str, bytes]) -> None:
+        self._write_many(cql.PUT_PROFILE, list(profiles.items()), "write profiles")
+
+    def delete_profiles(self, user_ids: Iterable[str]) -> None:
+        self._write_many(cql.DELETE_PROFILE, [(u,) for u in user_ids], "delete profiles")
+
+    def _scan(self, text: str, what: str) -> Iterator[tuple[str, bytes]]:
+        statement = SimpleStatement(text, fetch_size=1000)
+        with self._errors(what):
+            yield from ((key, blob) for key, blob in self._session.execute(statement))
+
+    def scan_profiles(self) -> Iterator[tuple[str, bytes]]:
+        return self._scan(cql.SCAN_PROFILES, "scan profiles")
+
+    # --- journal ---
+    def _fetch_assignments(self, partitions: list[int] | None) -> dict[int, Assignment]:
+        with self._errors("read partition assignments"):
+            if partitions is None:
+                rows = self._session.execute(self._stmt(cql.GET_ASSIGNMENTS), (cql.DEPLOYMENT,))
+            else:
+                rows = self._session.execute(
+                    self._stmt(cql.GET_SOME_ASSIGNMENTS), (cql.DEPLOYMENT, partitions)
+                )
+            return {r.partition: Assignment(owner=r.owner, epoch=r.epoch) for r in rows}
+
+    def append_journal(
+        self, journal_id: str, seq: int, blob: bytes, fence: Mapping[int, int] | None = None
+    ) -> None:
+        if fence:
+            # Check, then write: a move that lands between the two is caught by the
+            # journal seal the new owner writes (see README, "Ownership and fencing").
+            problems = fence_violations(journal_id, fence, self._fetch_assignments(list(fence)))
+            if problems:
+                raise StaleEpoch(f"{journal_id} may not write: " + "; ".join(problems))
+        with self._errors(f"append to journal {journal_id}"):
+            result = self._session.execute(
+                self._stmt(cql.APPEND_JOURNAL), (journal_id, self._bucket(seq), seq, blob)
+            )
+        if not result.was_applied:
+            raise JournalConflict(f"journal {journal_id} position {seq} is already written")
+
+    def _trimmed_to(self, journal_id: str) -> int:
+        with self._errors(f"read journal {journal_id}"):
+            row = self._session.execute(self._stmt(cql.GET_CHECKPOINT), (journal_id,)).one()
+        return row.trimmed_to if row and row.trimmed_to is not None else -1
+
+    def read_journal(
+        self, journal_id: str, after_seq: int, limit: int | None = None
+    ) -> Iterator[tuple[int, bytes]]:
+        rows_per_bucket = self.options.journal_bucket_rows
+        remaining = limit if limit is not None else -1
+        # Trimmed buckets are gone, and an empty bucket reads as the end: start past them.
+        cursor = max(after_seq, self._trimmed_to(journal_id))
+        while remaining != 0:
+            bucket = self._bucket(cursor + 1)
+            take = rows_per_bucket if remaining < 0 else min(rows_per_bucket, remaining)
+            with self._errors(f"read journal {journal_id}"):
+                rows = list(
+                    self._session.execute(
+                        self._stmt(cql.READ_JOURNAL_BUCKET), (journal_id, bucket, cursor, take)
+                    )
+                )
+            for row in rows:
+                yield row.seq, row.blob
+            if not rows:
+                return
+            cursor = rows[-1].seq
+            if remaining > 0:
+                remaining -= len(rows)
+            bucket_last = (bucket + 1) * rows_per_bucket - 1
+            # Positions are contiguous: a bucket that stops short of its last slot
+            # (and was read whole) is the end of the journal.
+            if cursor < bucket_last and len(rows) < take:
+                return
+
+    def trim_journal(self, journal_id: str, up_to_seq: int) -> None:
+        trimmed_to = self._trimmed_to(journal_id)
+        with self._errors(f"trim journal {journal_id}"):
+            if up_to_seq <= trimmed_to:
+                return
+            rows_per_bucket = self.options.journal_bucket_rows
+            first, last = self._bucket(trimmed_to + 1), self._bucket(up_to_seq)
+            whole = [(journal_id, b) for b in range(first, last)]
+            if up_to_seq == (last + 1) * rows_per_bucket - 1:
+                whole.append((journal_id, last))
+            else:
+                self._session.execute(
+                    self._stmt(cql.DELETE_JOURNAL_UP_TO), (journal_id, last, up_to_seq)
+                )
+            # Whole buckets go as partition deletes: one tombstone each, not one per row.
+            self._concurrent(cql.DELETE_JOURNAL_BUCKET, whole, f"trim journal {journal_id}")
+            self._session.execute(self._stmt(cql.SET_TRIMMED_TO), (up_to_seq, journal_id))
+
+    # --- checkpoints ---
+    def get_checkpoint(self, journal_id: str) -> Checkpoint | None:
+        with self._errors("read a checkpoint"):
+            row = self._session.execute(self._stmt(cql.GET_CHECKPOINT), (journal_id,)).one()
+        if row is None or row.seq is None:
+            return None
+        return Checkpoint(seq=row.seq, meta=row.meta or b"")
+
+    def put_checkpoint(self, journal_id: str, checkpoint: Checkpoint) -> None:
+        with self._errors("write a checkpoint"):
+            self._session.execute(
+                self._stmt(cql.PUT_CHECKPOINT), (checkpoint.seq, checkpoint.meta, journal_id)
+            )
+
+    # --- assignments ---
+    def get_assignments(self) -> dict[int, Assignment]:
+        return self._fetch_assignments(None)
+
+    def claim_partitions(self, owner: str, expected_epochs: Mapping[int, int]) -> dict[int, int]:
+        if not expected_epochs:
+            return {}
+        # All assignment rows share one Cassandra partition, so this conditional batch
+        # is atomic: every claim applies or none does.
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+        new = {}
+        for partition, expected in sorted(expected_epochs.items()):
+            new[partition] = expected + 1
+            if expected == 0:
+                batch.add(
+                    self._stmt(cql.CLAIM_NEW_PARTITION), (cql.DEPLOYMENT, partition, owner, 1)
+                )
+            else:
+                batch.add(
+                    self._stmt(cql.CLAIM_PARTITION),
+                    (owner, expected + 1, cql.DEPLOYMENT, partition, expected),
+                )
+        with self._errors("claim partitions"):
+            result = self._session.execute(batch)
+        if not result.was_applied:
+            stale = stale_claims(expected_epochs, self._fetch_assignments(list(expected_epochs)))
+            raise StaleEpoch(f"{owner} cannot claim: " + "; ".join(stale or ["lost a race"]))
+        return new
+
+    # --- catalog ---
+    def upsert_items(self, items: Mapping[str, bytes]) -> None:
+        self._write_many(cql.PUT_ITEM, list(items.items()), "write items")
+
+    def get_items(self, item_ids: Iterable[str]) -> dict[str, bytes]:
+        return self._get_many(cql.GET_ITEMS, item_ids, "read items")
+
+    def scan_items(self) -> Iterator[tuple[str, bytes]]:
+        return self._scan(cql.SCAN_ITEMS, "scan items")
+
+    # --- tombstones ---
+    def add_tombstones(self, deleted_at: Mapping[str, float]) -> None:
+        self._write_many(cql.PUT_TOMBSTONE, list(deleted_at.items()), "write tombstones")
+
+    def get_tombstones(self, user_ids: Iterable[str]) -> dict[str, float]:
+        return self._get_many(cql.GET_TOMBSTONES, user_ids, "read tombstones")

@@ -1,0 +1,76 @@
+"""Every CQL statement Persona runs, next to the table it belongs to (schema in one place).
+
+Tables are created idempotently by CassandraStore. Partition sizes are bounded:
+profiles, items and tombstones are one row per partition; the journal is bucketed
+by ``seq // journal_bucket_rows`` so a busy shard never grows one huge partition;
+assignments are one small partition (a row per logical partition, <= a few
+thousand rows) so that claiming several of them is one conditional batch.
+"""
+
+KEYSPACE = """
+CREATE KEYSPACE IF NOT EXISTS {keyspace}
+WITH replication = {replication} AND durable_writes = true
+"""
+
+TABLES = [
+    "CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text)",
+    "CREATE TABLE IF NOT EXISTS profiles (user_id text PRIMARY KEY, blob blob)",
+    """CREATE TABLE IF NOT EXISTS journal (
+        journal_id text, bucket bigint, seq bigint, blob blob,
+        PRIMARY KEY ((journal_id, bucket), seq)
+    ) WITH CLUSTERING ORDER BY (seq ASC)""",
+    """CREATE TABLE IF NOT EXISTS checkpoints (
+        journal_id text PRIMARY KEY, seq bigint, meta blob, trimmed_to bigint)""",
+    """CREATE TABLE IF NOT EXISTS assignments (
+        deployment text, partition int, owner text, epoch bigint,
+        PRIMARY KEY (deployment, partition))""",
+    "CREATE TABLE IF NOT EXISTS items (item_id text PRIMARY KEY, blob blob)",
+    "CREATE TABLE IF NOT EXISTS tombstones (user_id text PRIMARY KEY, deleted_at double)",
+]
+
+# The assignments table holds one deployment per keyspace; the key is a constant so
+# that every assignment row lives in one partition (conditional batches need that).
+DEPLOYMENT = "default"
+
+GET_META = "SELECT value FROM meta WHERE key = ?"
+INSERT_META_IF_ABSENT = "INSERT INTO meta (key, value) VALUES (?, ?) IF NOT EXISTS"
+
+GET_PROFILES = "SELECT user_id, blob FROM profiles WHERE user_id IN ?"
+PUT_PROFILE = "INSERT INTO profiles (user_id, blob) VALUES (?, ?)"
+DELETE_PROFILE = "DELETE FROM profiles WHERE user_id = ?"
+SCAN_PROFILES = "SELECT user_id, blob FROM profiles"
+
+APPEND_JOURNAL = (
+    "INSERT INTO journal (journal_id, bucket, seq, blob) VALUES (?, ?, ?, ?) IF NOT EXISTS"
+)
+READ_JOURNAL_BUCKET = (
+    "SELECT seq, blob FROM journal WHERE journal_id = ? AND bucket = ? AND seq > ? LIMIT ?"
+)
+DELETE_JOURNAL_BUCKET = "DELETE FROM journal WHERE journal_id = ? AND bucket = ?"
+DELETE_JOURNAL_UP_TO = "DELETE FROM journal WHERE journal_id = ? AND bucket = ? AND seq <= ?"
+
+GET_CHECKPOINT = "SELECT seq, meta, trimmed_to FROM checkpoints WHERE journal_id = ?"
+PUT_CHECKPOINT = "UPDATE checkpoints SET seq = ?, meta = ? WHERE journal_id = ?"
+SET_TRIMMED_TO = "UPDATE checkpoints SET trimmed_to = ? WHERE journal_id = ?"
+
+GET_ASSIGNMENTS = "SELECT partition, owner, epoch FROM assignments WHERE deployment = ?"
+GET_SOME_ASSIGNMENTS = (
+    "SELECT partition, owner, epoch FROM assignments WHERE deployment = ? AND partition IN ?"
+)
+CLAIM_NEW_PARTITION = (
+    "INSERT INTO assignments (deployment, partition, owner, epoch) VALUES (?, ?, ?, ?) "
+    "IF NOT EXISTS"
+)
+CLAIM_PARTITION = (
+    "UPDATE assignments SET owner = ?, epoch = ? WHERE deployment = ? AND partition = ? "
+    "IF epoch = ?"
+)
+
+PUT_ITEM = "INSERT INTO items (item_id, blob) VALUES (?, ?)"
+GET_ITEMS = "SELECT item_id, blob FROM items WHERE item_id IN ?"
+SCAN_ITEMS = "SELECT item_id, blob FROM items"
+
+PUT_TOMBSTONE = "INSERT INTO tombstones (user_id, deleted_at) VALUES (?, ?)"
+GET_TOMBSTONES = "SELECT user_id, deleted_at FROM tombstones WHERE user_id IN ?"
+
+KEYSPACE_REPLICATION = "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = ?"

@@ -1,0 +1,288 @@
+"""SqliteStore: the embedded default store, one file in WAL mode, same contract as Cassandra.
+
+Several processes (shard actors, Serve replicas, jobs) may open the same file: WAL
+lets readers run beside the one writer, and busy_timeout makes writers queue
+instead of failing. Every contract operation is one transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+from persona.errors import JournalConflict, StaleEpoch, StoreUnavailable
+from storage.base import Assignment, Checkpoint, Store, fence_violations, stale_claims
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS profiles (user_id TEXT PRIMARY KEY, blob BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS journal (
+    journal_id TEXT NOT NULL, seq INTEGER NOT NULL, blob BLOB NOT NULL,
+    PRIMARY KEY (journal_id, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    journal_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, meta BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS assignments (
+    partition INTEGER PRIMARY KEY, owner TEXT NOT NULL, epoch INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS items (item_id TEXT PRIMARY KEY, blob BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS tombstones (user_id TEXT PRIMARY KEY, deleted_at REAL NOT NULL);
+"""
+
+# SQLite limits host parameters per statement (32766 in modern builds); stay well below.
+_CHUNK = 500
+
+
+def _chunks(values: list, size: int = _CHUNK) -> Iterator[list]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+class SqliteStore(Store):
+    def __init__(self, path: str | Path, *, timeout_s: float = 30.0):
+        self.path = Path(path)
+        self.url = f"sqlite:///{self.path}"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives process crashes (not power loss) and is what
+            # makes an embedded journal append cheap.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite store at {self.path}: {exc}") from exc
+        # One connection shared by this process's threads; SQLite has one writer anyway.
+        self._lock = threading.RLock()
+
+    # --- plumbing ---
+    def _run(self, fn):
+        with self._lock:
+            try:
+                return fn(self._db)
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"SQLite store {self.path}: {exc}") from exc
+
+    def _transaction(self, fn):
+        def wrapped(db):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+
+        return self._run(wrapped)
+
+    def ping(self) -> None:
+        self._run(lambda db: db.execute("SELECT 1").fetchone())
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- meta ---
+    def get_meta(self, key: str) -> str | None:
+        row = self._run(
+            lambda db: db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        )
+        return row[0] if row else None
+
+    def put_meta_if_absent(self, key: str, value: str) -> str:
+        def op(db):
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            return db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()[0]
+
+        return self._transaction(op)
+
+    # --- profiles ---
+    def _get_many(self, table: str, key: str, ids: Iterable[str]) -> dict[str, bytes]:
+        wanted = list(dict.fromkeys(ids))
+
+        def op(db):
+            found = {}
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT {key}, blob FROM {table} WHERE {key} IN ({marks})"
+                found.update(db.execute(sql, chunk).fetchall())
+            return found
+
+        return self._run(op)
+
+    def get_profiles(self, user_ids: Iterable[str]) -> dict[str, bytes]:
+        return self._get_many("profiles", "user_id", user_ids)
+
+    def put_profiles(self, profiles: Mapping[str, bytes]) -> None:
+        rows = list(profiles.items())
+        self._transaction(
+            lambda db: db.executemany(
+                "INSERT OR REPLACE INTO profiles (user_id, blob) VALUES (?, ?)", rows
+            )
+        )
+
+    def delete_profiles(self, user_ids: Iterable[str]) -> None:
+        rows = [(u,) for u in user_ids]
+        self._transaction(lambda db: db.executemany("DELETE FROM profiles WHERE user_id=?", rows))
+
+    def _scan(self, table: str, key: str, page: int = 1000) -> Iterator[tuple[str, bytes]]:
+        last = ""
+        while True:
+            rows = self._run(
+                lambda db, last=last: db.execute(
+                    f"SELECT {key}, blob FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT ?",
+                    (last, page),
+                ).fetchall()
+            )
+            yield from rows
+            if len(rows) < page:
+                return
+            last = rows[-1][0]
+
+    def scan_profiles(self) -> Iterator[tuple[str, bytes]]:
+        return self._scan("profiles", "user_id")
+
+    # --- journal ---
+    def append_journal(
+        self, journal_id: str, seq: int, blob: bytes, fence: Mapping[int, int] | None = None
+    ) -> None:
+        def op(db):
+            if fence:
+                current = self._assignments(db, list(fence))
+                problems = fence_violations(journal_id, fence, current)
+                if problems:
+                    raise StaleEpoch(f"{journal_id} may not write: " + "; ".join(problems))
+            try:
+                db.execute(
+                    "INSERT INTO journal (journal_id, seq, blob) VALUES (?, ?, ?)",
+                    (journal_id, seq, blob),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise JournalConflict(
+                    f"journal {journal_id} position {seq} is already written"
+                ) from exc
+
+        self._transaction(op)
+
+    def read_journal(
+        self, journal_id: str, after_seq: int, limit: int | None = None
+    ) -> Iterator[tuple[int, bytes]]:
+        remaining = limit if limit is not None else -1
+        cursor = after_seq
+        page = 200
+        while remaining != 0:
+            take = page if remaining < 0 else min(page, remaining)
+            rows = self._run(
+                lambda db, cursor=cursor, take=take: db.execute(
+                    "SELECT seq, blob FROM journal WHERE journal_id=? AND seq>? "
+                    "ORDER BY seq LIMIT ?",
+                    (journal_id, cursor, take),
+                ).fetchall()
+            )
+            yield from rows
+            if len(rows) < take:
+                return
+            cursor = rows[-1][0]
+            if remaining > 0:
+                remaining -= len(rows)
+
+    def trim_journal(self, journal_id: str, up_to_seq: int) -> None:
+        self._transaction(
+            lambda db: db.execute(
+                "DELETE FROM journal WHERE journal_id=? AND seq<=?", (journal_id, up_to_seq)
+            )
+        )
+
+    # --- checkpoints ---
+    def get_checkpoint(self, journal_id: str) -> Checkpoint | None:
+        row = self._run(
+            lambda db: db.execute(
+                "SELECT seq, meta FROM checkpoints WHERE journal_id=?", (journal_id,)
+            ).fetchone()
+        )
+        return Checkpoint(seq=row[0], meta=bytes(row[1])) if row else None
+
+    def put_checkpoint(self, journal_id: str, checkpoint: Checkpoint) -> None:
+        self._transaction(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO checkpoints (journal_id, seq, meta) VALUES (?, ?, ?)",
+                (journal_id, checkpoint.seq, checkpoint.meta),
+            )
+        )
+
+    # --- assignments ---
+    @staticmethod
+    def _assignments(db, partitions: list[int] | None = None) -> dict[int, Assignment]:
+        if partitions is None:
+            rows = db.execute("SELECT partition, owner, epoch FROM assignments").fetchall()
+        else:
+            rows = []
+            for chunk in _chunks(partitions):
+                marks = ",".join("?" * len(chunk))
+                rows += db.execute(
+                    f"SELECT partition, owner, epoch FROM assignments WHERE partition IN ({marks})",
+                    chunk,
+                ).fetchall()
+        return {p: Assignment(owner=o, epoch=e) for p, o, e in rows}
+
+    def get_assignments(self) -> dict[int, Assignment]:
+        return self._run(self._assignments)
+
+    def claim_partitions(self, owner: str, expected_epochs: Mapping[int, int]) -> dict[int, int]:
+        def op(db):
+            current = self._assignments(db, list(expected_epochs))
+            stale = stale_claims(expected_epochs, current)
+            if stale:
+                raise StaleEpoch(f"{owner} cannot claim: " + "; ".join(stale))
+            new = {p: want + 1 for p, want in expected_epochs.items()}
+            db.executemany(
+                "INSERT OR REPLACE INTO assignments (partition, owner, epoch) VALUES (?, ?, ?)",
+                [(p, owner, e) for p, e in new.items()],
+            )
+            return new
+
+        return self._transaction(op)
+
+    # --- catalog ---
+    def upsert_items(self, items: Mapping[str, bytes]) -> None:
+        rows = list(items.items())
+        self._transaction(
+            lambda db: db.executemany(
+                "INSERT OR REPLACE INTO items (item_id, blob) VALUES (?, ?)", rows
+            )
+        )
+
+    def get_items(self, item_ids: Iterable[str]) -> dict[str, bytes]:
+        return self._get_many("items", "item_id", item_ids)
+
+    def scan_items(self) -> Iterator[tuple[str, bytes]]:
+        return self._scan("items", "item_id")
+
+    # --- tombstones ---
+    def add_tombstones(self, deleted_at: Mapping[str, float]) -> None:
+        rows = list(deleted_at.items())
+        self._transaction(
+            lambda db: db.executemany(
+                "INSERT OR REPLACE INTO tombstones (user_id, deleted_at) VALUES (?, ?)", rows
+            )
+        )
+
+    def get_tombstones(self, user_ids: Iterable[str]) -> dict[str, float]:
+        wanted = list(dict.fromkeys(user_ids))
+
+        def op(db):
+            found = {}
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    db.execute(
+                        f"SELECT user_id, deleted_at FROM tombstones WHERE user_id IN ({marks})",
+                        chunk,
+                    ).fetchall()
+                )
+            return found
+
+        return self._run(op)

@@ -1,0 +1,205 @@
+"""The store contract, one suite for every backend (SQLite and a real Cassandra node)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from persona.errors import CorruptRecord, JournalConflict, StaleEpoch
+from storage import Checkpoint, codec
+
+
+def test_profiles_round_trip_and_overwrite(store):
+    store.put_profiles({"u1": b"one", "u2": b"two"})
+    assert store.get_profiles(["u1", "u2"]) == {"u1": b"one", "u2": b"two"}
+    store.put_profiles({"u1": b"uno"})
+    assert store.get_profiles(["u1"]) == {"u1": b"uno"}
+
+
+def test_missing_profiles_are_absent_not_errors(store):
+    store.put_profiles({"here": b"x"})
+    assert store.get_profiles(["here", "nobody", "nobody-else"]) == {"here": b"x"}
+    assert store.get_profiles([]) == {}
+
+
+def test_delete_profiles(store):
+    store.put_profiles({"a": b"1", "b": b"2"})
+    store.delete_profiles(["a", "never-existed"])
+    assert store.get_profiles(["a", "b"]) == {"b": b"2"}
+
+
+def test_many_keys_at_once(store):
+    profiles = {f"user-{i}": f"blob-{i}".encode() for i in range(2500)}
+    store.put_profiles(profiles)
+    assert store.get_profiles(list(profiles)) == profiles
+    assert dict(store.scan_profiles()) == profiles
+
+
+def test_unicode_and_128_character_ids(store):
+    ids = ["ünïcødé-用户-🙂", "x" * 128, "a b/c?d=e&f", "'; DROP TABLE profiles; --"]
+    store.put_profiles({i: i.encode() for i in ids})
+    assert store.get_profiles(ids) == {i: i.encode() for i in ids}
+
+
+def test_one_megabyte_profile(store):
+    big = codec.encode({"payload": b"\x01" * (1024 * 1024)})
+    store.put_profiles({"big": big})
+    assert codec.decode(store.get_profiles(["big"])["big"]) == {"payload": b"\x01" * (1024 * 1024)}
+
+
+def test_journal_keeps_order_across_many_appends(store):
+    for seq in range(1, 101):
+        store.append_journal("shard-0", seq, f"batch-{seq}".encode())
+    store.append_journal("shard-1", 1, b"other journal")
+    rows = list(store.read_journal("shard-0", 0))
+    assert [seq for seq, _ in rows] == list(range(1, 101))
+    assert rows[41] == (42, b"batch-42")
+    assert list(store.read_journal("shard-1", 0)) == [(1, b"other journal")]
+
+
+def test_journal_read_after_position_with_limit(store):
+    for seq in range(1, 40):
+        store.append_journal("j", seq, b"%d" % seq)
+    assert [s for s, _ in store.read_journal("j", 20)] == list(range(21, 40))
+    assert [s for s, _ in store.read_journal("j", 5, limit=3)] == [6, 7, 8]
+    assert list(store.read_journal("j", 39)) == []
+    assert list(store.read_journal("missing", 0)) == []
+
+
+def test_journal_trim(store):
+    for seq in range(1, 30):
+        store.append_journal("j", seq, b"%d" % seq)
+    store.trim_journal("j", 17)
+    assert [s for s, _ in store.read_journal("j", 0)] == list(range(18, 30))
+    store.trim_journal("j", 10)  # trimming below the trimmed point changes nothing
+    assert [s for s, _ in store.read_journal("j", 0)] == list(range(18, 30))
+    store.append_journal("j", 30, b"30")
+    store.trim_journal("j", 29)
+    assert list(store.read_journal("j", 0)) == [(30, b"30")]
+
+
+def test_journal_position_can_be_written_once(store):
+    store.append_journal("j", 1, b"first")
+    with pytest.raises(JournalConflict):
+        store.append_journal("j", 1, b"second writer")
+    assert list(store.read_journal("j", 0)) == [(1, b"first")]
+
+
+def test_checkpoint_round_trip(store):
+    assert store.get_checkpoint("shard-0") is None
+    store.put_checkpoint("shard-0", Checkpoint(seq=42, meta=b"ids"))
+    assert store.get_checkpoint("shard-0") == Checkpoint(seq=42, meta=b"ids")
+    store.put_checkpoint("shard-0", Checkpoint(seq=50, meta=b""))
+    assert store.get_checkpoint("shard-0") == Checkpoint(seq=50, meta=b"")
+
+
+def test_checkpoint_survives_trim(store):
+    store.put_checkpoint("j", Checkpoint(seq=5, meta=b"m"))
+    for seq in range(1, 6):
+        store.append_journal("j", seq, b"x")
+    store.trim_journal("j", 5)
+    assert store.get_checkpoint("j") == Checkpoint(seq=5, meta=b"m")
+
+
+def test_meta_is_written_once(store):
+    assert store.get_meta("partitions") is None
+    assert store.put_meta_if_absent("partitions", "256") == "256"
+    assert store.put_meta_if_absent("partitions", "64") == "256"
+    assert store.get_meta("partitions") == "256"
+
+
+def test_claims_advance_the_epoch(store):
+    assert store.claim_partitions("shard-0", {0: 0, 1: 0}) == {0: 1, 1: 1}
+    assert store.claim_partitions("shard-1", {1: 1}) == {1: 2}
+    assignments = store.get_assignments()
+    assert (assignments[0].owner, assignments[0].epoch) == ("shard-0", 1)
+    assert (assignments[1].owner, assignments[1].epoch) == ("shard-1", 2)
+
+
+def test_epoch_fence_refuses_a_stale_claim_and_changes_nothing(store):
+    store.claim_partitions("shard-0", {0: 0, 1: 0})
+    store.claim_partitions("shard-1", {1: 1})
+    with pytest.raises(StaleEpoch):
+        # shard-2 still believes partition 1 is at epoch 1; partition 0 is fine.
+        store.claim_partitions("shard-2", {0: 1, 1: 1})
+    assignments = store.get_assignments()
+    assert assignments[0].owner == "shard-0" and assignments[0].epoch == 1
+    assert assignments[1].owner == "shard-1" and assignments[1].epoch == 2
+
+
+def test_epoch_fence_refuses_a_stale_owners_journal_write(store):
+    store.claim_partitions("shard-0", {7: 0})
+    store.append_journal("shard-0", 1, b"while owner", fence={7: 1})
+    store.claim_partitions("shard-1", {7: 1})  # partition 7 moves away
+    with pytest.raises(StaleEpoch):
+        store.append_journal("shard-0", 2, b"zombie write", fence={7: 1})
+    assert [s for s, _ in store.read_journal("shard-0", 0)] == [1]
+    store.append_journal("shard-1", 1, b"new owner", fence={7: 2})
+
+
+def test_concurrent_writers_from_threads(store):
+    errors = []
+
+    def writer(worker: int) -> None:
+        try:
+            for round_ in range(5):
+                store.put_profiles(
+                    {f"w{worker}-u{i}": f"{worker}:{round_}".encode() for i in range(50)}
+                )
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    stored = dict(store.scan_profiles())
+    assert len(stored) == 8 * 50
+    assert all(blob == f"{key.split('-')[0][1:]}:4".encode() for key, blob in stored.items())
+
+
+def test_concurrent_appends_to_one_position_have_one_winner(store):
+    outcomes = []
+
+    def append(worker: int) -> None:
+        try:
+            store.append_journal("contended", 1, f"writer {worker}".encode())
+            outcomes.append("won")
+        except JournalConflict:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=append, args=(w,)) for w in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["refused"] * 5 + ["won"]
+    assert len(list(store.read_journal("contended", 0))) == 1
+
+
+def test_corrupt_blob_surfaces_as_corrupt_record(store):
+    good = codec.encode({"interests": {"jazz": 1.5}})
+    flipped = bytearray(good)
+    flipped[-1] ^= 0xFF
+    store.put_profiles({"victim": bytes(flipped)})
+    with pytest.raises(CorruptRecord, match="checksum"):
+        codec.decode(store.get_profiles(["victim"])["victim"], what="profile victim")
+
+
+def test_item_catalog(store):
+    store.upsert_items({"i1": b"a", "i2": b"b"})
+    store.upsert_items({"i2": b"b2", "i3": b"c"})
+    assert store.get_items(["i1", "i2", "nope"]) == {"i1": b"a", "i2": b"b2"}
+    assert dict(store.scan_items()) == {"i1": b"a", "i2": b"b2", "i3": b"c"}
+
+
+def test_tombstones(store):
+    store.add_tombstones({"gone": 1700000000.5})
+    assert store.get_tombstones(["gone", "alive"]) == {"gone": 1700000000.5}
+
+
+def test_ping(store):
+    store.ping()
