@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from persona.errors import ConfigError, CorruptRecord
+from persona.settings import load_settings
 from storage import codec, open_store, parse_store_url
 
 values = st.recursive(
@@ -67,7 +68,7 @@ def test_cassandra_url_with_every_option():
 
 
 def test_cassandra_url_defaults():
-    _, options = parse_store_url("cassandra://db1/persona")
+    _, options = parse_store_url("cassandra://db1/persona", load_settings(cassandra_port=9042))
     assert options.port == 9042 and options.consistency == "LOCAL_QUORUM"
     assert options.replication_factor == 1
 
