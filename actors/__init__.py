@@ -1,1 +1,1 @@
-"""placeholder"""
+"""In-memory tier: profile model, events and routing (pure), shard actors and fleet (Ray)."""

@@ -39,6 +39,8 @@ class Settings:
     # Fixed when a deployment is first created and stored; changing it later is refused.
     partitions: int = 256
     shards: int = 2
+    # CPUs each shard actor reserves; 0 lets many shards share a laptop's cores.
+    shard_cpus: float = 0.0
 
     # --- profile model ---
     half_life_days: float = 7.0

@@ -78,3 +78,66 @@ def sqlite_store(tmp_path):
 def store(request):
     """The store contract suite runs against every backend."""
     return request.getfixturevalue(f"{request.param}_store")
+
+
+# --- Ray ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real Ray instance for the whole session (starting Ray costs seconds)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(
+        num_cpus=2,
+        namespace="persona-tests",
+        include_dashboard=False,
+        object_store_memory=200 * 1024 * 1024,
+        logging_level="warning",
+    )
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def fresh_settings(tmp_path, request):
+    """Settings for one fleet: its own namespace (shard names), store and a small P.
+
+    Parametrize indirectly with "sqlite" or "cassandra"; default sqlite."""
+    kind = getattr(request, "param", "sqlite")
+    namespace = f"persona-test-{uuid.uuid4().hex[:8]}"
+    if kind == "cassandra":
+        require_cassandra()
+        url = cassandra_url(f"persona_{uuid.uuid4().hex[:10]}", consistency="LOCAL_QUORUM")
+    else:
+        url = f"sqlite:///{tmp_path}/persona.db"
+    settings = load_settings(
+        store_url=url,
+        namespace=namespace,
+        partitions=16,
+        shards=2,
+        journal_bucket_rows=TEST_BUCKET_ROWS,
+        checkpoint_interval_s=3600.0,
+    )
+    yield settings
+    if kind == "cassandra":
+        from storage import open_store
+
+        store = open_store(settings=settings)
+        store._session.execute(f"DROP KEYSPACE IF EXISTS {store.options.keyspace}")
+        store.close()
+
+
+@pytest.fixture
+def fleet(ray_session, fresh_settings):
+    from actors.fleet import Fleet
+
+    started = Fleet.start(fresh_settings)
+    yield started
+    started.shutdown()

@@ -1,0 +1,159 @@
+"""The event schema and its validation: strict, explicit, and every rejection says why.
+
+An event is ``{"user_id", "item_id", "action", "ts", "topics"?, "weight"?, "event_id"?}``.
+Validated events become tuples ``(user_id, item_id, action, ts, topics, weight)``,
+the form the profile model, the journal and the fleet pass around.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import msgpack
+
+from persona.errors import InvalidEvents
+
+MAX_ID_CHARS = 128
+MAX_TOPICS = 16
+MAX_TOPIC_CHARS = 64
+MAX_WEIGHT = 1000.0
+REQUIRED = ("user_id", "item_id", "action", "ts")
+OPTIONAL = ("topics", "weight", "event_id")
+ALLOWED = frozenset(REQUIRED + OPTIONAL)
+
+ValidEvent = tuple[str, str, str, float, tuple[str, ...], float]
+
+
+def check_id(value: Any, name: str) -> str | None:
+    """Why ``value`` is not a valid id, or None."""
+    if not isinstance(value, str):
+        return f"{name} must be a string, got {type(value).__name__}"
+    if not 1 <= len(value) <= MAX_ID_CHARS:
+        return f"{name} must be 1-{MAX_ID_CHARS} characters, got {len(value)}"
+    if not value.isprintable():
+        return f"{name} contains control or non-printable characters"
+    return None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class EventValidator:
+    """Validates events against the configured actions and the clock."""
+
+    def __init__(self, actions: Iterable[str], max_future_s: float = 86_400.0):
+        self.actions = frozenset(actions)
+        self.max_future_s = max_future_s
+        self._action_list = ", ".join(sorted(self.actions))
+
+    def reason(self, event: Any, now: float) -> str | None:
+        """Why one event is invalid, or None when it is valid."""
+        if not isinstance(event, dict):
+            return f"an event must be an object, got {type(event).__name__}"
+        missing = [k for k in REQUIRED if k not in event]
+        if missing:
+            return f"missing field(s): {', '.join(missing)}"
+        unknown = sorted(str(k) for k in event if k not in ALLOWED)
+        if unknown:
+            return f"unknown field(s): {', '.join(unknown)}"
+        for name in ("user_id", "item_id"):
+            problem = check_id(event[name], name)
+            if problem:
+                return problem
+        action = event["action"]
+        if action not in self.actions:
+            return f"unknown action {str(action)[:40]!r}; expected one of {self._action_list}"
+        ts = event["ts"]
+        if not _number(ts) or not math.isfinite(ts):
+            return "ts must be a finite number of seconds since the epoch"
+        if ts < 0:
+            return "ts must be >= 0 (seconds since the epoch)"
+        if ts > now + self.max_future_s:
+            return (
+                f"ts {ts:.0f} is more than {self.max_future_s:.0f}s in the future "
+                "(milliseconds sent as seconds?)"
+            )
+        topics = event.get("topics", ())
+        if not isinstance(topics, list | tuple):
+            return "topics must be a list of strings"
+        if len(topics) > MAX_TOPICS:
+            return f"at most {MAX_TOPICS} topics, got {len(topics)}"
+        for topic in topics:
+            if (
+                not isinstance(topic, str)
+                or not 1 <= len(topic) <= MAX_TOPIC_CHARS
+                or not topic.isprintable()
+            ):
+                return f"each topic must be 1-{MAX_TOPIC_CHARS} printable characters"
+        weight = event.get("weight", 1.0)
+        if not _number(weight) or not math.isfinite(weight):
+            return "weight must be a finite number"
+        if not 0 < weight <= MAX_WEIGHT:
+            return f"weight must be in (0, {MAX_WEIGHT:g}]"
+        if "event_id" in event:
+            problem = check_id(event["event_id"], "event_id")
+            if problem:
+                return problem
+        return None
+
+    def validate(
+        self, events: Any, now: float | None = None
+    ) -> tuple[list[ValidEvent], list[dict]]:
+        """Split a batch into valid event tuples and ``{"index", "reason"}`` errors."""
+        if isinstance(events, bytes | bytearray | memoryview):
+            events = decode_msgpack_batch(events)
+        if not isinstance(events, list | tuple):
+            return [], [{"index": None, "reason": "a batch must be a list of events"}]
+        now = time.time() if now is None else now
+        valid: list[ValidEvent] = []
+        errors: list[dict] = []
+        intern = sys.intern
+        for index, event in enumerate(events):
+            problem = self.reason(event, now)
+            if problem:
+                errors.append({"index": index, "reason": problem})
+                continue
+            valid.append(
+                (
+                    event["user_id"],
+                    event["item_id"],
+                    intern(event["action"]),
+                    float(event["ts"]),
+                    tuple(intern(t) for t in event.get("topics", ())),
+                    float(event.get("weight", 1.0)),
+                )
+            )
+        return valid, errors
+
+    def validate_all_or_nothing(self, events: Any, now: float | None = None) -> list[ValidEvent]:
+        """Validate a batch that must be accepted whole (HTTP): raise InvalidEvents."""
+        valid, errors = self.validate(events, now)
+        if errors:
+            raise InvalidEvents(errors)
+        return valid
+
+
+def decode_msgpack_batch(body: bytes) -> Any:
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise InvalidEvents(
+            [{"index": None, "reason": f"body is not valid msgpack: {exc}"}]
+        ) from exc
+
+
+def as_dict(event: ValidEvent) -> dict:
+    user, item, action, ts, topics, weight = event
+    return {
+        "user_id": user,
+        "item_id": item,
+        "action": action,
+        "ts": ts,
+        "topics": list(topics),
+        "weight": weight,
+    }

@@ -1,0 +1,199 @@
+"""The fleet: creates or finds the shard actors, routes batches and reads to their owners.
+
+Used by the Serve ingress, the jobs and the CLI. A batch is validated once here,
+split by owning shard, and each part is sent with a derived batch id
+(``<batch id>@<shard>``), so a client that retries a whole batch is still applied
+exactly once, part by part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+
+import ray
+
+from actors.events import EventValidator, ValidEvent
+from actors.profile import ProfileRules
+from actors.routing import group_users, initial_assignment, split_by_owner
+from actors.shard import shard_actor
+from persona.errors import ConfigError, InvalidEvents, StaleEpoch
+from persona.settings import Settings
+from storage import Store, open_store
+
+log = logging.getLogger(__name__)
+
+# A batch part refused for ownership is re-routed this many times before failing.
+REROUTE_ATTEMPTS = 5
+
+
+def stored_partition_count(store: Store, settings: Settings) -> int:
+    """P is fixed at creation: the first deployment stores it, later ones read it."""
+    stored = int(store.put_meta_if_absent("partitions", str(settings.partitions)))
+    if stored != settings.partitions:
+        log.warning(
+            "this deployment has %d partitions (fixed at creation); ignoring PERSONA_PARTITIONS=%d",
+            stored,
+            settings.partitions,
+        )
+    return stored
+
+
+def ensure_assignment(store: Store, partitions: int, shards: int) -> dict[int, str]:
+    """Assign unassigned partitions round-robin over ``shards``; keep existing ones."""
+    current = store.get_assignments()
+    wanted: dict[str, dict[int, int]] = {}
+    for partition, owner in initial_assignment(partitions, shards).items():
+        if partition not in current:
+            wanted.setdefault(owner, {})[partition] = 0
+    for owner, expected in wanted.items():
+        # Another process may have assigned them first; theirs stands.
+        with contextlib.suppress(StaleEpoch):
+            store.claim_partitions(owner, expected)
+    return {p: a.owner for p, a in store.get_assignments().items()}
+
+
+class Fleet:
+    def __init__(self, settings: Settings, store: Store | None = None):
+        self.settings = settings
+        self.store = store or open_store(settings=settings)
+        self.partitions = stored_partition_count(self.store, settings)
+        self.validator = EventValidator(
+            ProfileRules.from_settings(settings).actions, settings.max_future_seconds
+        )
+        self.owners: dict[int, str] = {}
+        self.shards: dict[str, ray.actor.ActorHandle] = {}
+
+    # --- lifecycle ---
+    @classmethod
+    def start(cls, settings: Settings, store: Store | None = None) -> Fleet:
+        """Create the shards (or find the running ones) and wait until they answer."""
+        fleet = cls(settings, store)
+        fleet.owners = ensure_assignment(fleet.store, fleet.partitions, settings.shards)
+        fleet._bind_shards(create=True)
+        ray.get([s.ping.remote() for s in fleet.shards.values()])
+        return fleet
+
+    @classmethod
+    def connect(cls, settings: Settings, store: Store | None = None) -> Fleet:
+        """Find an already running fleet (e.g. from a Serve replica or a job)."""
+        fleet = cls(settings, store)
+        fleet.refresh()
+        return fleet
+
+    def refresh(self) -> None:
+        self.owners = {p: a.owner for p, a in self.store.get_assignments().items()}
+        if len(self.owners) != self.partitions:
+            raise ConfigError(
+                f"only {len(self.owners)} of {self.partitions} partitions are assigned: "
+                "start the fleet first (persona up)"
+            )
+        self._bind_shards(create=False)
+
+    def _bind_shards(self, create: bool) -> None:
+        for name in sorted(set(self.owners.values())):
+            if name in self.shards:
+                continue
+            if create:
+                self.shards[name] = shard_actor(self.settings, name, self.partitions)
+            else:
+                self.shards[name] = ray.get_actor(name, namespace=self.settings.namespace)
+
+    def shutdown(self) -> None:
+        """Kill the shard actors (their state is in the store; a later start recovers)."""
+        for handle in self.shards.values():
+            ray.kill(handle, no_restart=True)
+        self.shards.clear()
+
+    # --- writes ---
+    def validate(self, events) -> tuple[list[ValidEvent], list[dict]]:
+        return self.validator.validate(events)
+
+    async def apply_async(self, batch_id: str, events, *, all_or_nothing: bool = False) -> dict:
+        valid, errors = self.validate(events)
+        if errors and all_or_nothing:
+            raise InvalidEvents(errors)
+        total = {"applied": 0, "duplicate": 0, "rejected": len(errors), "errors": errors}
+        pending = split_by_owner(valid, self.owners, self.partitions)
+        for attempt in range(REROUTE_ATTEMPTS):
+            names = list(pending)
+            results = await asyncio.gather(
+                *(
+                    self.shards[n].apply_batch.remote(f"{batch_id}@{n}", pending[n], True)
+                    for n in names
+                ),
+                return_exceptions=True,
+            )
+            rerouted = []
+            for name, result in zip(names, results, strict=True):
+                if isinstance(result, ray.exceptions.RayTaskError) and isinstance(
+                    result.cause, StaleEpoch
+                ):
+                    rerouted.extend(pending[name])
+                    continue
+                if isinstance(result, BaseException):
+                    raise _unwrap(result)
+                for key in ("applied", "duplicate", "rejected"):
+                    total[key] += result[key]
+                total["errors"] += result["errors"]
+            if not rerouted:
+                return total
+            # Ownership changed under us (a partition moved): re-read and resend.
+            if attempt == REROUTE_ATTEMPTS - 1:
+                raise StaleEpoch("partitions kept moving while the batch was routed; retry")
+            await asyncio.sleep(0.05 * (attempt + 1))
+            self.refresh()
+            pending = split_by_owner(rerouted, self.owners, self.partitions)
+        return total
+
+    def apply(self, batch_id: str, events) -> dict:
+        return _run(self.apply_async(batch_id, events))
+
+    # --- reads ---
+    async def get_profiles_async(self, user_ids: Iterable[str]) -> dict[str, dict]:
+        groups = group_users(dict.fromkeys(user_ids), self.owners, self.partitions)
+        parts = await asyncio.gather(
+            *(self.shards[n].get_profiles.remote(users) for n, users in groups.items())
+        )
+        merged: dict[str, dict] = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+    def get_profiles(self, user_ids: Iterable[str]) -> dict[str, dict]:
+        return _run(self.get_profiles_async(user_ids))
+
+    def owner_of(self, user_id: str) -> ray.actor.ActorHandle:
+        from actors.routing import partition_of
+
+        return self.shards[self.owners[partition_of(user_id, self.partitions)]]
+
+    async def delete_user_async(self, user_id: str) -> bool:
+        return await self.owner_of(user_id).delete_user.remote(user_id)
+
+    def delete_user(self, user_id: str) -> bool:
+        return _run(self.delete_user_async(user_id))
+
+    # --- operations ---
+    def checkpoint(self) -> list[dict]:
+        return ray.get([s.checkpoint.remote() for s in self.shards.values()])
+
+    def stats(self) -> list[dict]:
+        return ray.get([s.stats.remote() for s in self.shards.values()])
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """A shard's own exception, not Ray's wrapper, so callers can map it (e.g. to 503)."""
+    if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        return error.cause
+    return error
+
+
+def _run(coroutine):
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    raise RuntimeError("call the *_async method from async code")

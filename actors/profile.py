@@ -1,0 +1,237 @@
+"""The profile model and its update rules: pure Python, no Ray, bounded whatever the input.
+
+Interest scores use forward decay: a topic's stored score is
+``sum(w_i * exp(rate * (t_i - t0)))`` for a per-profile reference time ``t0``, so
+an event is one addition and nothing decays on every tick; the score at time T is
+the stored score times ``exp(-rate * (T - t0))``. Decay runs on event time, so a
+replayed log gives the same profile as live ingestion. Stored scores keep their
+order for any history length: when an event lies far past ``t0`` the profile is
+rebased (every score scaled once, ``t0`` moved forward), so exponents stay small
+and nothing a ranking depends on overflows or underflows.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import insort
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from persona.settings import Settings
+
+# Rebase when rate*(t - t0) exceeds this: e^200 ~ 7e86 stays far from float overflow
+# (e^709), and scores older than e^-200 relative to new ones are truly negligible.
+REBASE_EXPONENT = 200.0
+HIDE = "hide"
+
+
+@dataclass(frozen=True)
+class ProfileRules:
+    """The update rules' parameters, all from settings."""
+
+    half_life_s: float
+    top_k: int
+    recent_n: int
+    hidden_n: int
+    actions: tuple[str, ...]
+    weights: tuple[float, ...]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ProfileRules:
+        actions = tuple(settings.action_weights)
+        return cls(
+            half_life_s=settings.half_life_seconds,
+            top_k=settings.top_k_topics,
+            recent_n=settings.recent_actions,
+            hidden_n=settings.hidden_items,
+            actions=actions,
+            weights=tuple(float(settings.action_weights[a]) for a in actions),
+        )
+
+    @property
+    def rate(self) -> float:
+        return math.log(2.0) / self.half_life_s
+
+    def code(self, action: str) -> int:
+        return self.actions.index(action)
+
+
+class Profile:
+    """One user's bounded state. Mutated only through apply_events (and rebase)."""
+
+    __slots__ = (
+        "user_id",
+        "counts",
+        "first_seen",
+        "last_seen",
+        "events",
+        "version",
+        "t0",
+        "topics",
+        "recent",
+        "hidden",
+        "embedding",
+        "embedding_weight",
+        "journal",
+        "position",
+    )
+
+    def __init__(self, user_id: str, n_actions: int):
+        self.user_id = user_id
+        self.counts = [0] * n_actions
+        self.first_seen = math.inf
+        self.last_seen = -math.inf
+        self.events = 0
+        self.version = 0
+        self.t0: float | None = None
+        self.topics: dict[str, float] = {}
+        # (ts, item_id, action code), ascending; the real-time sequence.
+        self.recent: list[tuple[float, str, int]] = []
+        self.hidden: dict[str, float] | None = None
+        self.embedding: np.ndarray | None = None
+        self.embedding_weight = 0.0
+        # Last journal position applied: replay skips rows at or below it.
+        self.journal: str | None = None
+        self.position = 0
+
+    # --- reading ---
+    def decay_factor(self, rate: float, at: float) -> float:
+        """exp(-rate*(at - t0)) in a form that underflows only for display, never for order."""
+        if self.t0 is None:
+            return 0.0
+        return math.exp(max(-745.0, -rate * (at - self.t0)))
+
+    def ranked_topics(self) -> list[tuple[str, float]]:
+        """Topics by stored score, best first; ties by name, so the order is deterministic."""
+        return sorted(self.topics.items(), key=lambda kv: (-kv[1], kv[0]))
+
+    def interests_at(self, rules: ProfileRules, at: float) -> list[tuple[str, float]]:
+        factor = self.decay_factor(rules.rate, at)
+        return [(topic, score * factor) for topic, score in self.ranked_topics()]
+
+    def interest_vector(self) -> np.ndarray | None:
+        if self.embedding is None or self.embedding_weight <= 0:
+            return None
+        return self.embedding / self.embedding_weight
+
+    def is_hidden(self, item_id: str) -> bool:
+        return bool(self.hidden) and item_id in self.hidden
+
+    # --- updating ---
+    def rebase(self, rate: float, new_t0: float) -> None:
+        scale = math.exp(-rate * (new_t0 - self.t0))
+        self.topics = {t: s * scale for t, s in self.topics.items()}
+        if self.embedding is not None:
+            self.embedding *= scale
+            self.embedding_weight *= scale
+        self.t0 = new_t0
+
+    def trim(self, rules: ProfileRules) -> None:
+        if len(self.topics) > rules.top_k:
+            self.topics = dict(self.ranked_topics()[: rules.top_k])
+        if len(self.recent) > rules.recent_n:
+            del self.recent[: -rules.recent_n]
+        if self.hidden and len(self.hidden) > rules.hidden_n:
+            newest = sorted(self.hidden.items(), key=lambda kv: (-kv[1], kv[0]))
+            self.hidden = dict(newest[: rules.hidden_n])
+
+    # --- persistence ---
+    def to_record(self, rules: ProfileRules) -> dict:
+        return {
+            "u": self.user_id,
+            "c": {a: n for a, n in zip(rules.actions, self.counts, strict=True) if n},
+            "f": self.first_seen,
+            "l": self.last_seen,
+            "n": self.events,
+            "v": self.version,
+            "t0": self.t0,
+            "t": self.topics,
+            "r": [[ts, item, rules.actions[code]] for ts, item, code in self.recent],
+            "h": self.hidden,
+            "e": self.embedding.tolist() if self.embedding is not None else None,
+            "ew": self.embedding_weight,
+            "j": self.journal,
+            "p": self.position,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict, rules: ProfileRules) -> Profile:
+        profile = cls(record["u"], len(rules.actions))
+        for action, count in record["c"].items():
+            if action in rules.actions:  # an action removed from config keeps no counter
+                profile.counts[rules.code(action)] = count
+        profile.first_seen, profile.last_seen = record["f"], record["l"]
+        profile.events, profile.version, profile.t0 = record["n"], record["v"], record["t0"]
+        profile.topics = dict(record["t"])
+        profile.recent = [
+            (ts, item, rules.code(action))
+            for ts, item, action in record["r"]
+            if action in rules.actions
+        ]
+        profile.hidden = dict(record["h"]) if record["h"] else None
+        if record["e"] is not None:
+            profile.embedding = np.asarray(record["e"], dtype=np.float64)
+        profile.embedding_weight = record["ew"]
+        profile.journal, profile.position = record["j"], record["p"]
+        return profile
+
+
+def apply_events(
+    profile: Profile,
+    events: Iterable[Sequence],
+    rules: ProfileRules,
+    *,
+    embeddings: dict[str, np.ndarray] | None = None,
+) -> None:
+    """Apply events (user, item, action, ts, topics, weight) of one user, then trim.
+
+    Late events are applied at their own time. Events with equal timestamps give
+    the same profile in any order (sums are commutative; recent actions are
+    ordered by (ts, item, action); trimming happens once, after the batch)."""
+    rate = rules.rate
+    codes = {a: i for i, a in enumerate(rules.actions)}
+    hide = codes.get(HIDE)
+    recent = profile.recent
+    topics = profile.topics
+    applied = 0
+    for _user, item, action, ts, event_topics, weight in events:
+        code = codes[action]
+        profile.counts[code] += 1
+        applied += 1
+        if ts < profile.first_seen:
+            profile.first_seen = ts
+        if ts > profile.last_seen:
+            profile.last_seen = ts
+        if profile.t0 is None:
+            profile.t0 = ts
+        exponent = rate * (ts - profile.t0)
+        if exponent > REBASE_EXPONENT:
+            profile.rebase(rate, ts)
+            topics = profile.topics
+            exponent = 0.0
+        contribution = rules.weights[code] * weight * math.exp(max(-745.0, exponent))
+        for topic in event_topics:
+            topics[topic] = topics.get(topic, 0.0) + contribution
+        entry = (ts, item, code)
+        if not recent or entry >= recent[-1]:
+            recent.append(entry)
+        else:
+            insort(recent, entry)
+        if code == hide:
+            if profile.hidden is None:
+                profile.hidden = {}
+            profile.hidden[item] = max(ts, profile.hidden.get(item, ts))
+        if embeddings and contribution > 0:
+            vector = embeddings.get(item)
+            if vector is not None:
+                if profile.embedding is None:
+                    profile.embedding = np.zeros(len(vector), dtype=np.float64)
+                if len(vector) == len(profile.embedding):
+                    profile.embedding += contribution * vector
+                    profile.embedding_weight += contribution
+    if applied:
+        profile.events += applied
+        profile.version += 1
+        profile.trim(rules)

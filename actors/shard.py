@@ -1,0 +1,177 @@
+"""ProfileShard: the Ray actor that owns a set of partitions and their users' profiles.
+
+A named, detached, restartable async actor. Memory changes happen on the event
+loop (so they are atomic between awaits); store I/O runs in threads, so reads are
+served while a batch is being journaled or a checkpoint is being written. One
+asyncio lock orders writers (journal positions are contiguous); reads take no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+
+import ray
+
+from actors.profile import Profile
+from actors.shard_state import Ack, PreparedBatch, ShardState
+from persona.errors import JournalConflict, PersonaError
+from persona.settings import Settings
+from storage import open_store
+
+log = logging.getLogger(__name__)
+
+# Encode this many profiles between yields to the event loop during a checkpoint.
+ENCODE_CHUNK = 2_000
+CHECKPOINT_RETRY_MAX_S = 30.0
+
+
+class ProfileShard:
+    def __init__(self, name: str, settings: dict, partitions: int):
+        self.settings = Settings(**settings)
+        self.state = ShardState(name, open_store(settings=self.settings), self.settings, partitions)
+        started = time.monotonic()
+        replayed = self.state.recover()
+        self.recovery_s = time.monotonic() - started
+        log.info("%s recovered: %d journal rows in %.2fs", name, replayed, self.recovery_s)
+        self._write_lock = asyncio.Lock()
+        self._checkpoint_lock = asyncio.Lock()
+        self._ticker: asyncio.Task | None = None
+        self._checkpoint_failures = 0
+
+    def _ensure_ticker(self) -> None:
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """Checkpoint on the interval or when enough profiles are dirty; back off on errors."""
+        while True:
+            await asyncio.sleep(1.0)
+            state = self.state
+            due = time.monotonic() - state.last_checkpoint_at >= self.settings.checkpoint_interval_s
+            if state.dirty and (
+                due or len(state.dirty) >= self.settings.checkpoint_dirty_threshold
+            ):
+                try:
+                    await self.checkpoint()
+                    self._checkpoint_failures = 0
+                except PersonaError as exc:
+                    self._checkpoint_failures += 1
+                    delay = min(CHECKPOINT_RETRY_MAX_S, 2.0**self._checkpoint_failures)
+                    log.warning(
+                        "%s checkpoint failed (%s); retrying in %.0fs", state.name, exc, delay
+                    )
+                    await asyncio.sleep(delay)
+
+    # --- writes ---
+    async def apply_batch(self, batch_id: str, events, validated: bool = False) -> dict:
+        """Journal then apply a batch; a batch id seen before is acknowledged as duplicate."""
+        self._ensure_ticker()
+        async with self._write_lock:
+            for attempt in range(2):
+                prepared = self.state.prepare(batch_id, events, validated=validated)
+                if isinstance(prepared, Ack):
+                    return prepared.as_dict()
+                await self._load_for(prepared)
+                try:
+                    await asyncio.to_thread(self.state.append, prepared)
+                except JournalConflict:
+                    if attempt:
+                        raise
+                    # Someone else wrote our next position: take their rows, then retry.
+                    self.state.catch_up()
+                    continue
+                ack = self.state.commit(prepared)
+                break
+        if len(self.state.dirty) >= self.settings.checkpoint_dirty_threshold:
+            asyncio.get_running_loop().create_task(self._checkpoint_quietly())
+        return ack.as_dict()
+
+    async def _load_for(self, batch: PreparedBatch) -> None:
+        state = self.state
+        missing = state.missing_users(batch.by_user)
+        items = {e[1] for events in batch.by_user.values() for e in events}
+        if missing:
+            state.install(await asyncio.to_thread(state.fetch_profiles, missing))
+        if any(i not in state.item_vectors for i in items):
+            state.install_item_vectors(await asyncio.to_thread(state.fetch_item_vectors, items))
+
+    async def delete_user(self, user_id: str) -> bool:
+        """Privacy delete: journal it, drop it from memory and store, leave a tombstone."""
+        async with self._write_lock, self._checkpoint_lock:
+            await asyncio.to_thread(self.state.journal_delete, user_id)
+            existed = self.state.forget_user(user_id)
+            stored = await asyncio.to_thread(self.state.store.get_profiles, [user_id])
+            await asyncio.to_thread(self.state.store.delete_profiles, [user_id])
+            await asyncio.to_thread(self.state.store.add_tombstones, {user_id: time.time()})
+            return existed or bool(stored)
+
+    # --- reads ---
+    async def get_profiles(self, user_ids: list[str]) -> dict[str, dict]:
+        """Records of the users that exist (memory first, then the store)."""
+        self._ensure_ticker()
+        state = self.state
+        missing = state.missing_users(user_ids)
+        if missing:
+            state.install(await asyncio.to_thread(state.fetch_profiles, missing))
+        found: dict[str, Profile] = {u: state.profiles[u] for u in user_ids if u in state.profiles}
+        return {u: p.to_record(state.rules) for u, p in found.items()}
+
+    async def stats(self) -> dict:
+        return {**self.state.stats(), "recovery_s": self.recovery_s}
+
+    async def ping(self) -> str:
+        return self.state.name
+
+    def pid(self) -> int:
+        """The worker process id (operations and failure tests)."""
+        return os.getpid()
+
+    # --- checkpoints ---
+    async def checkpoint(self) -> dict:
+        """Write dirty profiles and the journal position, then trim the journal."""
+        state = self.state
+        async with self._checkpoint_lock:
+            started = time.monotonic()
+            seq, users = state.begin_checkpoint()
+            try:
+                for at in range(0, len(users), ENCODE_CHUNK):
+                    encoded = state.encode_profiles(users[at : at + ENCODE_CHUNK])
+                    await asyncio.to_thread(state.store.put_profiles, encoded)
+                await asyncio.to_thread(state.finish_checkpoint, seq)
+            except BaseException:
+                state.dirty.update(u for u in users if u in state.profiles)
+                raise
+            return {
+                "shard": state.name,
+                "seq": seq,
+                "profiles": len(users),
+                "seconds": time.monotonic() - started,
+            }
+
+    async def _checkpoint_quietly(self) -> None:
+        try:
+            await self.checkpoint()
+        except PersonaError as exc:
+            log.warning("%s checkpoint failed: %s", self.state.name, exc)
+
+
+def shard_actor(settings: Settings, name: str, partitions: int):
+    """Create or find the named shard actor (idempotent)."""
+    remote_cls = ray.remote(ProfileShard)
+    return remote_cls.options(
+        name=name,
+        namespace=settings.namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        # Calls in flight when the actor dies are re-sent to the restarted actor;
+        # batch ids make that safe.
+        max_task_retries=-1,
+        max_concurrency=1000,
+        num_cpus=settings.shard_cpus,
+        scheduling_strategy="SPREAD",
+    ).remote(name, dataclasses.asdict(settings), partitions)

@@ -1,0 +1,294 @@
+"""A shard's in-memory state and its journal/checkpoint protocol, without Ray.
+
+ProfileShard (actors/shard.py) wraps this in an async Ray actor and decides which
+steps run in a thread (store I/O) and which on the event loop (memory). Kept
+separate so the protocol reads top to bottom in one place:
+
+1. apply:      dedupe batch id -> validate -> ownership fence -> load missing users
+               -> append journal row (write-ahead) -> apply in memory -> ack.
+2. checkpoint: take the dirty set and the last journal position -> write dirty
+               profiles -> record the position (and remembered batch ids) -> trim.
+3. recover:    read the checkpoint -> replay later journal rows, loading users
+               lazily and skipping rows a profile already contains.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from actors.catalog import decode_item, item_vector
+from actors.events import EventValidator, ValidEvent
+from actors.profile import Profile, ProfileRules, apply_events
+from actors.routing import partition_of
+from persona.errors import CorruptRecord, JournalConflict, StaleEpoch
+from persona.settings import Settings
+from storage import Checkpoint, Store, codec
+
+log = logging.getLogger(__name__)
+
+# Item vectors cached per shard for the interest embedding; bounded, cleared when full.
+ITEM_CACHE_LIMIT = 200_000
+
+
+@dataclass
+class Ack:
+    applied: int = 0
+    duplicate: int = 0
+    rejected: int = 0
+    errors: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "applied": self.applied,
+            "duplicate": self.duplicate,
+            "rejected": self.rejected,
+            "errors": self.errors,
+        }
+
+
+@dataclass
+class PreparedBatch:
+    """A batch ready to be journaled: valid events grouped by user, and its row blob."""
+
+    batch_id: str
+    seq: int
+    by_user: dict[str, list[ValidEvent]]
+    blob: bytes
+    fence: dict[int, int]
+    ack: Ack
+
+
+class ShardState:
+    def __init__(self, name: str, store: Store, settings: Settings, partitions: int):
+        self.name = name
+        self.store = store
+        self.settings = settings
+        self.partitions = partitions
+        self.rules = ProfileRules.from_settings(settings)
+        self.validator = EventValidator(self.rules.actions, settings.max_future_seconds)
+        self.profiles: dict[str, Profile] = {}
+        self.dirty: set[str] = set()
+        self.batch_ids: OrderedDict[str, int] = OrderedDict()
+        self.owned: dict[int, int] = {}
+        self.last_seq = 0  # last journal position written (and applied)
+        self.checkpoint_seq = 0
+        self.item_vectors: dict[str, np.ndarray | None] = {}
+        self.totals = {"applied": 0, "duplicate": 0, "rejected": 0, "loaded": 0}
+        self.last_checkpoint_at = time.monotonic()
+
+    # --- ownership ---
+    def refresh_ownership(self) -> dict[int, int]:
+        self.owned = {
+            p: a.epoch for p, a in self.store.get_assignments().items() if a.owner == self.name
+        }
+        return self.owned
+
+    # --- recovery ---
+    def recover(self) -> int:
+        """Load the checkpoint and replay the journal after it; return rows replayed."""
+        self.refresh_ownership()
+        checkpoint = self.store.get_checkpoint(self.name)
+        if checkpoint is not None:
+            self.checkpoint_seq = self.last_seq = checkpoint.seq
+            if checkpoint.meta:
+                meta = codec.decode(checkpoint.meta, what=f"checkpoint of {self.name}")
+                self.batch_ids = OrderedDict((b, 0) for b in meta.get("batch_ids", []))
+        return self.catch_up()
+
+    def catch_up(self) -> int:
+        """Apply journal rows after last_seq (after a restart, or rows another
+        incarnation of this shard wrote). Rows a profile already holds are skipped."""
+        replayed = 0
+        for seq, blob in self.store.read_journal(self.name, self.last_seq):
+            row = codec.decode(blob, what=f"journal {self.name}@{seq}")
+            if "delete" in row:
+                self.forget_user(row["delete"])
+                self.store.delete_profiles([row["delete"]])
+            else:
+                by_user: dict[str, list] = {}
+                for event in row["events"]:
+                    by_user.setdefault(event[0], []).append(tuple(event))
+                self.load_missing(by_user)
+                self.apply_in_memory(by_user, seq)
+                self.remember(row["batch_id"], seq)
+            self.last_seq = seq
+            replayed += 1
+        return replayed
+
+    # --- loading ---
+    def missing_users(self, user_ids: Iterable[str]) -> list[str]:
+        return [u for u in user_ids if u not in self.profiles]
+
+    def fetch_profiles(self, user_ids: list[str]) -> dict[str, Profile]:
+        """Read and decode users from the store (blocking I/O, no memory changes)."""
+        if not user_ids:
+            return {}
+        loaded = {}
+        for user, blob in self.store.get_profiles(user_ids).items():
+            try:
+                loaded[user] = Profile.from_record(
+                    codec.decode(blob, what=f"profile {user}"), self.rules
+                )
+            except CorruptRecord:
+                log.exception("profile %s is corrupt in the store; not loaded", user)
+                raise
+        return loaded
+
+    def install(self, loaded: Mapping[str, Profile]) -> None:
+        """Make loaded profiles resident unless a newer copy got there first."""
+        for user, profile in loaded.items():
+            if user not in self.profiles:
+                self.profiles[user] = profile
+                self.totals["loaded"] += 1
+
+    def load_missing(self, user_ids: Iterable[str]) -> None:
+        self.install(self.fetch_profiles(self.missing_users(user_ids)))
+
+    def fetch_item_vectors(self, item_ids: Iterable[str]) -> dict[str, np.ndarray | None]:
+        unknown = [i for i in set(item_ids) if i not in self.item_vectors]
+        if not unknown:
+            return {}
+        found = {
+            i: item_vector(decode_item(i, blob))
+            for i, blob in self.store.get_items(unknown).items()
+        }
+        return {i: found.get(i) for i in unknown}
+
+    def install_item_vectors(self, vectors: Mapping[str, np.ndarray | None]) -> None:
+        if len(self.item_vectors) + len(vectors) > ITEM_CACHE_LIMIT:
+            self.item_vectors.clear()
+        self.item_vectors.update(vectors)
+
+    # --- applying ---
+    def is_duplicate(self, batch_id: str) -> bool:
+        return batch_id in self.batch_ids
+
+    def remember(self, batch_id: str, seq: int) -> None:
+        self.batch_ids[batch_id] = seq
+        self.batch_ids.move_to_end(batch_id)
+        while len(self.batch_ids) > self.settings.remembered_batch_ids:
+            self.batch_ids.popitem(last=False)
+
+    def prepare(self, batch_id: str, events, *, validated: bool = False) -> PreparedBatch | Ack:
+        """Validate and fence a batch; an Ack means there is nothing to journal."""
+        if self.is_duplicate(batch_id):
+            size = len(events) if isinstance(events, list | tuple) else 0
+            self.totals["duplicate"] += size
+            return Ack(duplicate=size)
+        if validated:
+            valid, errors = [tuple(e) for e in events], []
+        else:
+            valid, errors = self.validator.validate(events)
+        ack = Ack(applied=len(valid), rejected=len(errors), errors=errors)
+        self.totals["rejected"] += len(errors)
+        if not valid:
+            return ack
+        by_user: dict[str, list[ValidEvent]] = {}
+        fence: dict[int, int] = {}
+        not_owned = set()
+        for event in valid:
+            by_user.setdefault(event[0], []).append(event)
+        for user in by_user:
+            partition = partition_of(user, self.partitions)
+            epoch = self.owned.get(partition)
+            if epoch is None:
+                not_owned.add(partition)
+            else:
+                fence[partition] = epoch
+        if not_owned:
+            raise StaleEpoch(
+                f"{self.name} does not own partition(s) {sorted(not_owned)[:10]}; "
+                "refresh the assignment and resend"
+            )
+        blob = codec.encode({"batch_id": batch_id, "events": valid})
+        return PreparedBatch(batch_id, self.last_seq + 1, by_user, blob, fence, ack)
+
+    def append(self, batch: PreparedBatch) -> None:
+        """Write-ahead: the journal row must be durable before anything is applied.
+
+        A taken position means an earlier attempt of ours landed after all (a
+        timeout that was not a failure) or another incarnation wrote there; both
+        are resolved by catching up with the journal first."""
+        try:
+            self.store.append_journal(self.name, batch.seq, batch.blob, fence=batch.fence)
+        except JournalConflict:
+            rows = list(self.store.read_journal(self.name, batch.seq - 1, limit=1))
+            if rows and rows[0][1] == batch.blob:
+                return
+            raise
+
+    def apply_in_memory(self, by_user: Mapping[str, Sequence[ValidEvent]], seq: int) -> int:
+        """Apply grouped events at journal position seq; skip users already past it."""
+        applied = 0
+        vectors = self.item_vectors or None
+        for user, events in by_user.items():
+            profile = self.profiles.get(user)
+            if profile is None:
+                profile = self.profiles[user] = Profile(user, len(self.rules.actions))
+            elif profile.journal == self.name and profile.position >= seq:
+                continue
+            apply_events(profile, events, self.rules, embeddings=vectors)
+            profile.journal, profile.position = self.name, seq
+            self.dirty.add(user)
+            applied += len(events)
+        return applied
+
+    def commit(self, batch: PreparedBatch) -> Ack:
+        self.apply_in_memory(batch.by_user, batch.seq)
+        self.remember(batch.batch_id, batch.seq)
+        self.last_seq = batch.seq
+        self.totals["applied"] += batch.ack.applied
+        return batch.ack
+
+    # --- deleting ---
+    def forget_user(self, user_id: str) -> bool:
+        self.dirty.discard(user_id)
+        return self.profiles.pop(user_id, None) is not None
+
+    def journal_delete(self, user_id: str) -> int:
+        seq = self.last_seq + 1
+        self.store.append_journal(self.name, seq, codec.encode({"delete": user_id}))
+        self.last_seq = seq
+        return seq
+
+    # --- checkpointing ---
+    def begin_checkpoint(self) -> tuple[int, list[str]]:
+        """Swap out the dirty set; everything journaled up to the returned position
+        is in memory, and every profile it touched is in the returned list."""
+        users, self.dirty = list(self.dirty), set()
+        return self.last_seq, users
+
+    def encode_profiles(self, users: Iterable[str]) -> dict[str, bytes]:
+        encoded = {}
+        for user in users:
+            profile = self.profiles.get(user)
+            if profile is not None:  # deleted since it was dirtied
+                encoded[user] = codec.encode(profile.to_record(self.rules))
+        return encoded
+
+    def checkpoint_meta(self) -> bytes:
+        return codec.encode({"batch_ids": list(self.batch_ids), "at": time.time()})
+
+    def finish_checkpoint(self, seq: int) -> None:
+        self.store.put_checkpoint(self.name, Checkpoint(seq=seq, meta=self.checkpoint_meta()))
+        self.store.trim_journal(self.name, seq)
+        self.checkpoint_seq = seq
+        self.last_checkpoint_at = time.monotonic()
+
+    def stats(self) -> dict:
+        return {
+            "name": self.name,
+            "resident": len(self.profiles),
+            "dirty": len(self.dirty),
+            "last_seq": self.last_seq,
+            "checkpoint_seq": self.checkpoint_seq,
+            "partitions_owned": len(self.owned),
+            "remembered_batch_ids": len(self.batch_ids),
+            **self.totals,
+        }
