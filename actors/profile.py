@@ -50,12 +50,13 @@ class ProfileRules:
             weights=tuple(float(settings.action_weights[a]) for a in actions),
         )
 
-    @property
-    def rate(self) -> float:
-        return math.log(2.0) / self.half_life_s
+    def __post_init__(self) -> None:
+        # Derived once: apply_events runs per user per batch and must not rebuild these.
+        object.__setattr__(self, "rate", math.log(2.0) / self.half_life_s)
+        object.__setattr__(self, "codes", {a: i for i, a in enumerate(self.actions)})
 
     def code(self, action: str) -> int:
-        return self.actions.index(action)
+        return self.codes[action]
 
 
 class Profile:
@@ -190,28 +191,28 @@ def apply_events(
     Late events are applied at their own time. Events with equal timestamps give
     the same profile in any order (sums are commutative; recent actions are
     ordered by (ts, item, action); trimming happens once, after the batch)."""
-    rate = rules.rate
-    codes = {a: i for i, a in enumerate(rules.actions)}
+    # Hot loop: attributes are read into locals once and written back at the end.
+    rate, codes, weights = rules.rate, rules.codes, rules.weights
     hide = codes.get(HIDE)
-    recent = profile.recent
-    topics = profile.topics
+    counts, recent, topics = profile.counts, profile.recent, profile.topics
+    first_seen, last_seen, t0 = profile.first_seen, profile.last_seen, profile.t0
+    exp = math.exp
     applied = 0
     for _user, item, action, ts, event_topics, weight in events:
         code = codes[action]
-        profile.counts[code] += 1
+        counts[code] += 1
         applied += 1
-        if ts < profile.first_seen:
-            profile.first_seen = ts
-        if ts > profile.last_seen:
-            profile.last_seen = ts
-        if profile.t0 is None:
-            profile.t0 = ts
-        exponent = rate * (ts - profile.t0)
+        if ts < first_seen:
+            first_seen = ts
+        if ts > last_seen:
+            last_seen = ts
+        if t0 is None:
+            t0 = profile.t0 = ts
+        exponent = rate * (ts - t0)
         if exponent > REBASE_EXPONENT:
             profile.rebase(rate, ts)
-            topics = profile.topics
-            exponent = 0.0
-        contribution = rules.weights[code] * weight * math.exp(max(-745.0, exponent))
+            topics, t0, exponent = profile.topics, ts, 0.0
+        contribution = weights[code] * weight * exp(exponent if exponent > -745.0 else -745.0)
         for topic in event_topics:
             topics[topic] = topics.get(topic, 0.0) + contribution
         entry = (ts, item, code)
@@ -224,14 +225,24 @@ def apply_events(
                 profile.hidden = {}
             profile.hidden[item] = max(ts, profile.hidden.get(item, ts))
         if embeddings and contribution > 0:
-            vector = embeddings.get(item)
-            if vector is not None:
-                if profile.embedding is None:
-                    profile.embedding = np.zeros(len(vector), dtype=np.float64)
-                if len(vector) == len(profile.embedding):
-                    profile.embedding += contribution * vector
-                    profile.embedding_weight += contribution
+            _add_embedding(profile, embeddings.get(item), contribution)
     if applied:
+        profile.first_seen, profile.last_seen = first_seen, last_seen
         profile.events += applied
         profile.version += 1
-        profile.trim(rules)
+        if (
+            len(topics) > rules.top_k
+            or len(recent) > rules.recent_n
+            or (profile.hidden and len(profile.hidden) > rules.hidden_n)
+        ):
+            profile.trim(rules)
+
+
+def _add_embedding(profile: Profile, vector: np.ndarray | None, contribution: float) -> None:
+    if vector is None:
+        return
+    if profile.embedding is None:
+        profile.embedding = np.zeros(len(vector), dtype=np.float64)
+    if len(vector) == len(profile.embedding):
+        profile.embedding += contribution * vector
+        profile.embedding_weight += contribution

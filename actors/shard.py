@@ -120,6 +120,10 @@ class ProfileShard:
         found: dict[str, Profile] = {u: state.profiles[u] for u in user_ids if u in state.profiles}
         return {u: p.to_record(state.rules) for u, p in found.items()}
 
+    async def item_signals(self, now: float) -> dict:
+        """Trending and co-engagement snapshot decayed to ``now`` (for the recommender)."""
+        return self.state.item_stats.snapshot(now)
+
     async def stats(self) -> dict:
         return {**self.state.stats(), "recovery_s": self.recovery_s}
 
@@ -136,12 +140,12 @@ class ProfileShard:
         state = self.state
         async with self._checkpoint_lock:
             started = time.monotonic()
-            seq, users = state.begin_checkpoint()
+            seq, users, meta = state.begin_checkpoint()
             try:
                 for at in range(0, len(users), ENCODE_CHUNK):
                     encoded = state.encode_profiles(users[at : at + ENCODE_CHUNK])
                     await asyncio.to_thread(state.store.put_profiles, encoded)
-                await asyncio.to_thread(state.finish_checkpoint, seq)
+                await asyncio.to_thread(state.finish_checkpoint, seq, meta)
             except BaseException:
                 state.dirty.update(u for u in users if u in state.profiles)
                 raise

@@ -24,6 +24,7 @@ import numpy as np
 
 from actors.catalog import decode_item, item_vector
 from actors.events import EventValidator, ValidEvent
+from actors.item_stats import ItemStats
 from actors.profile import Profile, ProfileRules, apply_events
 from actors.routing import partition_of
 from persona.errors import CorruptRecord, JournalConflict, StaleEpoch
@@ -79,6 +80,7 @@ class ShardState:
         self.last_seq = 0  # last journal position written (and applied)
         self.checkpoint_seq = 0
         self.item_vectors: dict[str, np.ndarray | None] = {}
+        self.item_stats = ItemStats(settings, settings.action_weights)
         self.totals = {"applied": 0, "duplicate": 0, "rejected": 0, "loaded": 0}
         self.last_checkpoint_at = time.monotonic()
 
@@ -99,6 +101,7 @@ class ShardState:
             if checkpoint.meta:
                 meta = codec.decode(checkpoint.meta, what=f"checkpoint of {self.name}")
                 self.batch_ids = OrderedDict((b, 0) for b in meta.get("batch_ids", []))
+                self.item_stats.restore(meta.get("item_stats"))
         return self.catch_up()
 
     def catch_up(self) -> int:
@@ -233,6 +236,7 @@ class ShardState:
                 profile = self.profiles[user] = Profile(user, len(self.rules.actions))
             elif profile.journal == self.name and profile.position >= seq:
                 continue
+            self.item_stats.observe(events, profile.recent)
             apply_events(profile, events, self.rules, embeddings=vectors)
             profile.journal, profile.position = self.name, seq
             self.dirty.add(user)
@@ -258,11 +262,12 @@ class ShardState:
         return seq
 
     # --- checkpointing ---
-    def begin_checkpoint(self) -> tuple[int, list[str]]:
+    def begin_checkpoint(self) -> tuple[int, list[str], bytes]:
         """Swap out the dirty set; everything journaled up to the returned position
-        is in memory, and every profile it touched is in the returned list."""
+        is in memory, every profile it touched is in the returned list, and the
+        returned meta (batch ids, item signals) is as of that same position."""
         users, self.dirty = list(self.dirty), set()
-        return self.last_seq, users
+        return self.last_seq, users, self.checkpoint_meta()
 
     def encode_profiles(self, users: Iterable[str]) -> dict[str, bytes]:
         encoded = {}
@@ -273,10 +278,16 @@ class ShardState:
         return encoded
 
     def checkpoint_meta(self) -> bytes:
-        return codec.encode({"batch_ids": list(self.batch_ids), "at": time.time()})
+        return codec.encode(
+            {
+                "batch_ids": list(self.batch_ids),
+                "item_stats": self.item_stats.state(),
+                "at": time.time(),
+            }
+        )
 
-    def finish_checkpoint(self, seq: int) -> None:
-        self.store.put_checkpoint(self.name, Checkpoint(seq=seq, meta=self.checkpoint_meta()))
+    def finish_checkpoint(self, seq: int, meta: bytes) -> None:
+        self.store.put_checkpoint(self.name, Checkpoint(seq=seq, meta=meta))
         self.store.trim_journal(self.name, seq)
         self.checkpoint_seq = seq
         self.last_checkpoint_at = time.monotonic()

@@ -80,6 +80,32 @@ class Settings:
     cassandra_storage_port: int = 7000
     cassandra_heap: str = "1G"
 
+    # --- item signals (kept by shards, aggregated by the recommender) ---
+    trending_half_life_days: float = 1.0
+    co_engagement_half_life_days: float = 14.0
+    # Neighbours kept per item in the co-engagement graph (top M).
+    co_engagement_neighbours: int = 20
+    # A co-engagement pair: two positive actions of one user at most this far apart.
+    co_engagement_window_s: float = 3_600.0
+
+    # --- recommendations ---
+    max_per_topic: int = 3
+    catalog_refresh_s: float = 30.0
+    signals_refresh_s: float = 5.0
+    # Experiment variants: share of users (percent) and the blend of candidate sources.
+    experiments: dict = field(
+        default_factory=lambda: {
+            "control": {
+                "share": 50,
+                "blend": {"co": 1.0, "topic": 0.6, "embedding": 0.5, "trending": 0.2},
+            },
+            "sequence-heavy": {
+                "share": 50,
+                "blend": {"co": 1.6, "topic": 0.4, "embedding": 0.3, "trending": 0.1},
+            },
+        }
+    )
+
     # --- serving ---
     api_token: str = ""
     protect_reads: bool = False

@@ -141,3 +141,42 @@ def fleet(ray_session, fresh_settings):
     started = Fleet.start(fresh_settings)
     yield started
     started.shutdown()
+
+
+# --- Serve -------------------------------------------------------------------------
+
+API_TOKEN = "test-token-0123456789"
+SERVE_PORT = int(os.environ.get("PERSONA_TEST_HTTP_PORT", "8765"))
+
+
+@pytest.fixture(scope="module")
+def api(ray_session, tmp_path_factory):
+    """A real Serve app over loopback (SQLite store, token auth on), for one test module."""
+    import httpx
+    from ray import serve
+
+    from serving.app import build_app
+
+    data = tmp_path_factory.mktemp("serve")
+    namespace = f"persona-api-{uuid.uuid4().hex[:8]}"
+    overrides = {
+        "store_url": f"sqlite:///{data}/persona.db",
+        "namespace": namespace,
+        "partitions": 16,
+        "shards": 2,
+        "api_token": API_TOKEN,
+        "max_batch_events": 500,
+        "max_body_bytes": 256 * 1024,
+        "signals_refresh_s": 0.5,
+        "checkpoint_interval_s": 3600.0,
+    }
+    serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+    serve.run(build_app(overrides), name="persona", route_prefix="/")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{SERVE_PORT}", timeout=30.0)
+    client.settings = load_settings(**overrides)
+    yield client
+    client.close()
+    serve.delete("persona")
+    from actors.fleet import Fleet
+
+    Fleet.connect(client.settings).shutdown()

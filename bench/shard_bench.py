@@ -1,0 +1,355 @@
+"""Shard benchmarks: in-memory apply, fleet ingest with the journal, checkpoint, recovery, memory.
+
+    python -m bench.shard_bench apply      [--events 10000 --users 100000 --batches 50]
+    python -m bench.shard_bench ingest     [--events 1000000 --store cassandra]
+    python -m bench.shard_bench checkpoint [--profiles 1000000 --store cassandra]
+    python -m bench.shard_bench recovery   [--users 100000 --store cassandra]
+    python -m bench.shard_bench memory     [--users 1000000]
+
+Each prints one JSON line of figures. Cassandra must be running for --store cassandra
+(`persona cassandra start`); each run uses a fresh keyspace and drops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+
+from actors.profile import Profile, ProfileRules
+from actors.shard_state import ShardState
+from persona.settings import load_settings
+from storage import open_store
+
+T0 = time.time() - 30 * 86_400
+ACTIONS = ["view"] * 14 + ["click"] * 4 + ["save", "like", "hide"]
+
+
+def synthetic_events(count: int, users: int, items: int = 100_000, seed: int = 1) -> list[tuple]:
+    rng = random.Random(seed)
+    topics = [f"topic-{t}" for t in range(500)]
+    return [
+        (
+            f"user-{rng.randrange(users)}",
+            f"item-{rng.randrange(items)}",
+            rng.choice(ACTIONS),
+            T0 + rng.uniform(0, 30 * 86_400),
+            (topics[rng.randrange(500)], topics[rng.randrange(500)]),
+            1.0,
+        )
+        for _ in range(count)
+    ]
+
+
+def as_dicts(events: list[tuple]) -> list[dict]:
+    return [
+        {"user_id": u, "item_id": i, "action": a, "ts": ts, "topics": list(t)}
+        for u, i, a, ts, t, _w in events
+    ]
+
+
+def store_url(kind: str, settings) -> tuple[str, str | None]:
+    if kind == "cassandra":
+        keyspace = f"persona_bench_{uuid.uuid4().hex[:8]}"
+        return (
+            f"cassandra://127.0.0.1:{settings.cassandra_port}/{keyspace}"
+            "?replication=1&consistency=LOCAL_QUORUM",
+            keyspace,
+        )
+    return f"sqlite:///{tempfile.mkdtemp()}/bench.db", None
+
+
+def drop(store, keyspace: str | None) -> None:
+    if keyspace:
+        store._session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+    store.close()
+
+
+# --- in-memory apply -------------------------------------------------------------------
+
+
+def naive_apply(state: dict, events: list[tuple]) -> None:
+    """The peer baseline: a dict-of-dicts update per event, as a first version would."""
+    for user, item, action, ts, topics, _w in events:
+        profile = state.setdefault(user, {"counts": defaultdict(int), "topics": {}, "recent": []})
+        profile["counts"][action] += 1
+        for topic in topics:
+            profile["topics"][topic] = profile["topics"].get(topic, 0.0) + 1.0
+        profile["recent"].append((ts, item, action))
+        if len(profile["recent"]) > 100:
+            profile["recent"].pop(0)
+
+
+def bench_apply(args) -> dict:
+    settings = load_settings()
+    state = ShardState("bench", open_store("sqlite:///:memory:"), settings, 256)
+    batches = [synthetic_events(args.events, args.users, seed=n) for n in range(args.batches)]
+    # Warm: every user resident, as in steady state.
+    for n, batch in enumerate(batches[:5]):
+        state.apply_in_memory(_group(batch), n + 1)
+    apply_s = group_s = 0.0
+    for n, batch in enumerate(batches):
+        start = time.perf_counter()
+        grouped = _group(batch)
+        mid = time.perf_counter()
+        state.apply_in_memory(grouped, 100 + n)
+        end = time.perf_counter()
+        group_s += mid - start
+        apply_s += end - mid
+    dict_batches = [as_dicts(b) for b in batches[:10]]
+    start = time.perf_counter()
+    for batch in dict_batches:
+        state.validator.validate(batch)
+    validate_s = (time.perf_counter() - start) / len(dict_batches) * len(batches)
+    naive: dict = {}
+    start = time.perf_counter()
+    for batch in batches:
+        naive_apply(naive, batch)
+    naive_s = time.perf_counter() - start
+    total = args.events * len(batches)
+    return {
+        "bench": "apply",
+        "events": total,
+        "users": args.users,
+        "apply_events_per_s": total / apply_s,
+        "group_and_apply_events_per_s": total / (apply_s + group_s),
+        "validate_events_per_s": total / validate_s,
+        "validate_group_apply_events_per_s": total / (apply_s + group_s + validate_s),
+        "naive_dict_events_per_s": total / naive_s,
+    }
+
+
+def _group(events: list[tuple]) -> dict[str, list[tuple]]:
+    by_user: dict[str, list[tuple]] = {}
+    for event in events:
+        by_user.setdefault(event[0], []).append(event)
+    return by_user
+
+
+# --- end-to-end ingest ---------------------------------------------------------------
+
+
+def bench_ingest(args) -> dict:
+    import ray
+
+    from actors.fleet import Fleet
+
+    base = load_settings()
+    url, keyspace = store_url(args.store, base)
+    settings = load_settings(
+        store_url=url,
+        namespace=f"bench-{uuid.uuid4().hex[:6]}",
+        shards=args.shards,
+        checkpoint_interval_s=3600,
+        checkpoint_dirty_threshold=10**9,
+    )
+    ray.init(
+        num_cpus=2, namespace=settings.namespace, include_dashboard=False, logging_level="error"
+    )
+    fleet = Fleet.start(settings)
+    batch_size = args.batch
+    events = as_dicts(synthetic_events(args.events, args.users))
+    batches = [events[at : at + batch_size] for at in range(0, len(events), batch_size)]
+
+    async def run() -> dict:
+        in_flight = asyncio.Semaphore(args.in_flight)
+        totals = defaultdict(int)
+
+        async def one(n: int, batch: list[dict]) -> None:
+            async with in_flight:
+                ack = await fleet.apply_async(f"bench-{n}", batch)
+                for key in ("applied", "duplicate", "rejected"):
+                    totals[key] += ack[key]
+
+        await asyncio.gather(*(one(n, b) for n, b in enumerate(batches)))
+        return dict(totals)
+
+    start = time.perf_counter()
+    totals = asyncio.run(run())
+    seconds = time.perf_counter() - start
+    fleet.shutdown()
+    ray.shutdown()
+    drop(open_store(settings=settings), keyspace)
+    return {
+        "bench": "ingest",
+        "store": args.store,
+        "shards": args.shards,
+        "batch": batch_size,
+        "events": len(events),
+        "seconds": seconds,
+        "events_per_s": totals["applied"] / seconds,
+        **totals,
+    }
+
+
+# --- checkpoint ----------------------------------------------------------------------
+
+
+def populated_state(name: str, store, settings, users: int) -> ShardState:
+    state = ShardState(name, store, settings, 256)
+    events = synthetic_events(users * 5, users, seed=3)
+    for at in range(0, len(events), 100_000):
+        state.apply_in_memory(_group(events[at : at + 100_000]), 1)
+    return state
+
+
+def bench_checkpoint(args) -> dict:
+    settings = load_settings()
+    url, keyspace = store_url(args.store, settings)
+    store = open_store(url, settings)
+    state = populated_state("bench", store, settings, args.profiles)
+    state.last_seq = 1
+    start = time.perf_counter()
+    seq, users, meta = state.begin_checkpoint()
+    encode_s = 0.0
+    for at in range(0, len(users), 20_000):
+        t = time.perf_counter()
+        encoded = state.encode_profiles(users[at : at + 20_000])
+        encode_s += time.perf_counter() - t
+        store.put_profiles(encoded)
+    state.finish_checkpoint(seq, meta)
+    seconds = time.perf_counter() - start
+    drop(store, keyspace)
+    return {
+        "bench": "checkpoint",
+        "store": args.store,
+        "profiles": len(users),
+        "seconds": seconds,
+        "encode_seconds": encode_s,
+        "profiles_per_s": len(users) / seconds,
+    }
+
+
+# --- recovery ------------------------------------------------------------------------
+
+
+def bench_recovery(args) -> dict:
+    import signal
+
+    import ray
+
+    from actors.fleet import Fleet
+
+    base = load_settings()
+    url, keyspace = store_url(args.store, base)
+    settings = load_settings(
+        store_url=url,
+        namespace=f"bench-{uuid.uuid4().hex[:6]}",
+        shards=1,
+        checkpoint_interval_s=3600,
+        checkpoint_dirty_threshold=10**9,
+    )
+    ray.init(
+        num_cpus=2, namespace=settings.namespace, include_dashboard=False, logging_level="error"
+    )
+    fleet = Fleet.start(settings)
+    events = as_dicts(synthetic_events(args.users * 3, args.users, seed=5))
+    batches = [events[at : at + 10_000] for at in range(0, len(events), 10_000)]
+    half = len(batches) // 2
+    for n, batch in enumerate(batches[:half]):
+        fleet.apply(f"b{n}", batch)
+    fleet.checkpoint()
+    for n, batch in enumerate(batches[half:], start=half):
+        fleet.apply(f"b{n}", batch)
+    sample = sorted({e["user_id"] for e in events})
+    expected_events = sum(p["n"] for p in fleet.get_profiles(sample).values())
+    shard = next(iter(fleet.shards.values()))
+    os.kill(ray.get(shard.pid.remote()), signal.SIGKILL)
+    start = time.perf_counter()
+    while True:
+        try:
+            got = fleet.get_profiles(sample)
+            break
+        except ray.exceptions.RayActorError:
+            time.sleep(0.05)
+    seconds = time.perf_counter() - start
+    stats = fleet.stats()[0]
+    assert sum(p["n"] for p in got.values()) == expected_events, "recovered data differs"
+    fleet.shutdown()
+    ray.shutdown()
+    drop(open_store(settings=settings), keyspace)
+    return {
+        "bench": "recovery",
+        "store": args.store,
+        "users": len(sample),
+        "journal_rows_replayed": len(batches) - half,
+        "actor_recovery_s": stats["recovery_s"],
+        "kill_to_all_reads_s": seconds,
+    }
+
+
+# --- memory --------------------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def bench_memory(args) -> dict:
+    settings = load_settings()
+    rules = ProfileRules.from_settings(settings)
+    items = [f"item-{i}" for i in range(100_000)]
+    topics = [f"topic-{t}" for t in range(500)]
+    rng = random.Random(9)
+    gc.collect()
+    before = rss_bytes()
+    profiles = {}
+    for n in range(args.users):
+        user = f"user-{n}"
+        profile = Profile(user, len(rules.actions))
+        profile.t0 = T0
+        profile.first_seen, profile.last_seen, profile.events = T0, T0 + n, 50
+        profile.topics = {topics[rng.randrange(500)]: rng.random() for _ in range(20)}
+        profile.recent = [(T0 + k, items[rng.randrange(100_000)], 0) for k in range(50)]
+        profile.counts[0] = 50
+        profiles[user] = profile
+    gc.collect()
+    after = rss_bytes()
+    return {
+        "bench": "memory",
+        "users": args.users,
+        "topics_per_user": 20,
+        "recent_per_user": 50,
+        "bytes_per_profile": (after - before) / args.users,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", choices=["apply", "ingest", "checkpoint", "recovery", "memory"])
+    parser.add_argument("--events", type=int)
+    parser.add_argument("--users", type=int)
+    parser.add_argument("--batches", type=int, default=50)
+    parser.add_argument("--profiles", type=int, default=1_000_000)
+    parser.add_argument("--store", default="cassandra", choices=["cassandra", "sqlite"])
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=10_000)
+    parser.add_argument("--in-flight", type=int, default=4)
+    args = parser.parse_args()
+    defaults = {
+        "apply": (10_000, 100_000),
+        "ingest": (1_000_000, 100_000),
+        "recovery": (0, 100_000),
+        "memory": (0, 1_000_000),
+        "checkpoint": (0, 0),
+    }[args.which]
+    args.events = args.events or defaults[0]
+    args.users = args.users or defaults[1]
+    runner = globals()[f"bench_{args.which}"]
+    result = runner(args)
+    result.update(cpus=os.cpu_count(), python=sys.version.split()[0])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

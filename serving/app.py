@@ -1,0 +1,372 @@
+"""The HTTP API: a FastAPI ingress deployed with Ray Serve. Routes are thin: they parse,
+call the fleet or the recommender, and map Persona's errors to status codes in one place.
+
+Run it with `serve run serving.app:app` or `serve deploy serve.yaml`; settings come
+from PERSONA_* variables of the process that builds the application.
+"""
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from actors.catalog import decode_item, encode_item, item_problem
+from actors.events import check_id, decode_msgpack_batch
+from actors.fleet import Fleet
+from actors.profile import ProfileRules
+from persona.errors import (
+    ConfigError,
+    CorruptRecord,
+    InvalidEvents,
+    PersonaError,
+    StaleEpoch,
+    StoreUnavailable,
+)
+from persona.settings import Settings, load_settings
+from serving import schemas
+from serving.metrics import ApiMetrics
+from serving.recommend import Recommender
+from serving.views import error_body, profile_view
+from storage import open_store
+
+log = logging.getLogger(__name__)
+
+JSON_TYPES = ("application/json",)
+MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+
+api = FastAPI(
+    title="Persona",
+    version="1",
+    description="Live user profiles and recommendations. Errors share one body shape: "
+    '`{"error": {"code", "message", "errors"?}}`.',
+)
+
+ERRORS = {
+    400: {"model": schemas.ErrorBody, "description": "malformed request"},
+    401: {"model": schemas.ErrorBody, "description": "missing bearer token"},
+    403: {"model": schemas.ErrorBody, "description": "wrong bearer token"},
+    422: {"model": schemas.ErrorBody, "description": "invalid input; nothing was applied"},
+    503: {"model": schemas.ErrorBody, "description": "store or shard unavailable; retry"},
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, **details):
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+
+# --- errors: one mapping for the whole API ---------------------------------------------
+_STATUS = [
+    (InvalidEvents, 422, "invalid_events"),
+    (StoreUnavailable, 503, "store_unavailable"),
+    (StaleEpoch, 503, "partition_moving"),
+    (CorruptRecord, 500, "corrupt_record"),
+    (ConfigError, 500, "misconfigured"),
+    (PersonaError, 500, "internal"),
+]
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(exc.code, exc.message, **exc.details), status_code=exc.status)
+
+
+@api.exception_handler(PersonaError)
+async def _persona_error(_request: Request, exc: PersonaError) -> JSONResponse:
+    for kind, status, code in _STATUS:
+        if isinstance(exc, kind):
+            details = {"errors": exc.errors} if isinstance(exc, InvalidEvents) else {}
+            headers = {"Retry-After": "1"} if status == 503 else None
+            return JSONResponse(
+                error_body(code, str(exc), **details), status_code=status, headers=headers
+            )
+    raise exc  # pragma: no cover - PersonaError is the last entry
+
+
+def _valid_id(value: str, name: str) -> str:
+    problem = check_id(value, name)
+    if problem:
+        raise ApiError(422, "invalid_id", problem)
+    return value
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=256)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, settings: dict, token_sha256: str, recommender: DeploymentHandle):
+        self.settings = Settings(**settings)
+        self.rules = ProfileRules.from_settings(self.settings)
+        # Only a digest of the token reaches the replicas: it never sits in their
+        # config, their environment or their logs.
+        self.token_sha256 = token_sha256
+        self.store = open_store(settings=self.settings)
+        self.fleet = Fleet.start(self.settings, self.store)
+        self.recommender = recommender
+        self.metrics = ApiMetrics()
+
+    # --- auth ---
+    def check_token(self, authorization: str | None, *, read: bool) -> None:
+        if not self.token_sha256 or (read and not self.settings.protect_reads):
+            return
+        if not authorization:
+            raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>")
+        scheme, _, token = authorization.partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.token_sha256):
+            raise ApiError(403, "forbidden", "the bearer token is not valid")
+
+    # --- batched shard reads: many requests, one actor call per shard ---
+    @serve.batch(max_batch_size=128, batch_wait_timeout_s=0.002)
+    async def _read_profiles(self, user_ids: list[str]) -> list[dict | None]:
+        found = await self.fleet.get_profiles_async(user_ids)
+        return [found.get(u) for u in user_ids]
+
+    # --- routes ---
+    @api.get("/healthz", response_model=schemas.Health, tags=["operations"])
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get(
+        "/readyz",
+        response_model=schemas.Readiness,
+        responses={503: {"model": schemas.Readiness}},
+        tags=["operations"],
+    )
+    async def readyz(self) -> Response:
+        store_state = "ok"
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.store.ping), timeout=3.0)
+        except (PersonaError, TimeoutError) as exc:
+            store_state = f"down: {exc or 'timeout'}"
+
+        async def ping(handle) -> str:
+            try:
+                await asyncio.wait_for(handle.ping.remote(), timeout=3.0)
+                return "ok"
+            except Exception as exc:  # any failure means "not answering"
+                return f"down: {type(exc).__name__}"
+
+        names = list(self.fleet.shards)
+        states = await asyncio.gather(*(ping(self.fleet.shards[n]) for n in names))
+        shards = dict(zip(names, states, strict=True))
+        ready = store_state == "ok" and all(s == "ok" for s in shards.values())
+        body = {"status": "ready" if ready else "not ready", "store": store_state, "shards": shards}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @api.get(
+        "/v1/users/{user_id}/profile",
+        response_model=schemas.ProfileOut,
+        responses={**ERRORS, 404: {"model": schemas.ErrorBody, "description": "unknown user"}},
+        tags=["profiles"],
+    )
+    async def get_profile(self, user_id: str, authorization: str | None = Header(None)) -> dict:
+        started = time.perf_counter()
+        self.check_token(authorization, read=True)
+        _valid_id(user_id, "user_id")
+        record = await self._read_profiles(user_id)
+        if record is None:
+            self.metrics.request("profile", 404, started)
+            raise ApiError(404, "unknown_user", f"no profile for user {user_id!r}")
+        self.metrics.request("profile", 200, started)
+        return profile_view(record, self.rules, time.time())
+
+    @api.get(
+        "/v1/users/{user_id}/recommendations",
+        response_model=schemas.RecommendationsOut,
+        responses=ERRORS,
+        tags=["recommendations"],
+    )
+    async def get_recommendations(
+        self,
+        user_id: str,
+        k: int = Query(20, ge=1, le=200),
+        topic: str | None = Query(None, max_length=64),
+        exclude_seen: bool = True,
+        authorization: str | None = Header(None),
+    ) -> dict:
+        started = time.perf_counter()
+        self.check_token(authorization, read=True)
+        _valid_id(user_id, "user_id")
+        record = await self._read_profiles(user_id)
+        result = await self.recommender.recommend.remote(
+            user_id, record, k, topic or None, exclude_seen
+        )
+        self.metrics.request("recommendations", 200, started, variant=result["variant"])
+        return result
+
+    @api.post(
+        "/v1/events",
+        response_model=schemas.Ack,
+        responses={
+            **ERRORS,
+            413: {"model": schemas.ErrorBody, "description": "body or batch too large"},
+            415: {"model": schemas.ErrorBody, "description": "not JSON or msgpack"},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "description": "A batch of events, as JSON or msgpack (application/msgpack).",
+                "content": {
+                    "application/json": {
+                        "schema": {"type": "array", "items": schemas.EventIn.model_json_schema()}
+                    },
+                    "application/msgpack": {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
+        tags=["events"],
+    )
+    async def post_events(
+        self,
+        request: Request,
+        idempotency_key: str | None = Header(None),
+        authorization: str | None = Header(None),
+    ) -> dict:
+        started = time.perf_counter()
+        self.check_token(authorization, read=False)
+        try:
+            events = await self._read_batch(request)
+            batch_id = (
+                _valid_id(idempotency_key, "Idempotency-Key")
+                if idempotency_key
+                else uuid.uuid4().hex
+            )
+            ack = await self.fleet.apply_async(batch_id, events, all_or_nothing=True)
+        except InvalidEvents as exc:
+            self.metrics.events(rejected=len(exc.errors))
+            self.metrics.request("events", 422, started)
+            raise
+        self.metrics.events(applied=ack["applied"])
+        self.metrics.request("events", 200, started)
+        return {
+            "batch_id": batch_id,
+            "applied": ack["applied"],
+            "duplicate": ack["duplicate"],
+            "rejected": ack["rejected"],
+        }
+
+    async def _read_batch(self, request: Request) -> list:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in JSON_TYPES + MSGPACK_TYPES:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"send application/json or application/msgpack, not {content_type or 'nothing'!r}",
+            )
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, "body_too_large", f"the body limit is {limit} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, "body_too_large", f"the body limit is {limit} bytes")
+        if content_type in MSGPACK_TYPES:
+            events = decode_msgpack_batch(bytes(body))
+        else:
+            try:
+                events = json.loads(body.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise ApiError(400, "bad_encoding", f"the body is not UTF-8: {exc}") from exc
+            except json.JSONDecodeError as exc:
+                raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from exc
+        if not isinstance(events, list):
+            raise ApiError(422, "invalid_events", "the body must be a JSON array of events")
+        if not events:
+            raise ApiError(422, "empty_batch", "the batch holds no events")
+        if len(events) > self.settings.max_batch_events:
+            raise ApiError(
+                413,
+                "batch_too_large",
+                f"{len(events)} events; at most {self.settings.max_batch_events} per request",
+            )
+        return events
+
+    @api.delete(
+        "/v1/users/{user_id}",
+        status_code=204,
+        responses={**ERRORS, 404: {"model": schemas.ErrorBody, "description": "nothing to delete"}},
+        tags=["profiles"],
+    )
+    async def delete_user(self, user_id: str, authorization: str | None = Header(None)) -> Response:
+        started = time.perf_counter()
+        self.check_token(authorization, read=False)
+        _valid_id(user_id, "user_id")
+        existed = await self.fleet.delete_user_async(user_id)
+        status = 204 if existed else 404
+        self.metrics.request("delete", status, started)
+        if not existed:
+            raise ApiError(404, "unknown_user", f"no data held for user {user_id!r}")
+        return Response(status_code=204)
+
+    @api.put("/v1/items", response_model=schemas.Upserted, responses=ERRORS, tags=["catalog"])
+    async def put_items(self, request: Request, authorization: str | None = Header(None)) -> dict:
+        started = time.perf_counter()
+        self.check_token(authorization, read=False)
+        try:
+            body = json.loads((await request.body()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from exc
+        items = body.get("items") if isinstance(body, dict) else None
+        if not isinstance(items, list) or not items:
+            raise ApiError(422, "invalid_items", 'send {"items": [...]} with at least one item')
+        errors = [
+            {"index": n, "reason": problem}
+            for n, item in enumerate(items)
+            if (problem := item_problem(item))
+        ]
+        if errors:
+            raise ApiError(422, "invalid_items", f"{len(errors)} invalid item(s)", errors=errors)
+        await asyncio.to_thread(
+            self.store.upsert_items, {item["item_id"]: encode_item(item) for item in items}
+        )
+        await self.recommender.refresh_now.remote()
+        self.metrics.request("items_put", 200, started)
+        return {"upserted": len(items)}
+
+    @api.get(
+        "/v1/items/{item_id}",
+        response_model=schemas.ItemOut,
+        responses={**ERRORS, 404: {"model": schemas.ErrorBody, "description": "unknown item"}},
+        tags=["catalog"],
+    )
+    async def get_item(self, item_id: str, authorization: str | None = Header(None)) -> dict:
+        self.check_token(authorization, read=False)
+        _valid_id(item_id, "item_id")
+        found = await asyncio.to_thread(self.store.get_items, [item_id])
+        if item_id not in found:
+            raise ApiError(404, "unknown_item", f"no item {item_id!r} in the catalog")
+        return decode_item(item_id, found[item_id])
+
+
+def token_digest(settings: Settings) -> str:
+    return hashlib.sha256(settings.api_token.encode()).hexdigest() if settings.api_token else ""
+
+
+def build_app(args: dict | None = None):
+    """Serve application builder: `serve run serving.app:build_app` or serve.yaml's import_path.
+
+    ``args`` may override settings (e.g. {"store_url": ...}); the rest come from
+    PERSONA_* variables where the application is built."""
+    settings = load_settings(**(args or {}))
+    public = dataclasses.asdict(dataclasses.replace(settings, api_token=""))
+    recommender = Recommender.bind(public)
+    return Ingress.bind(public, token_digest(settings), recommender)
+
+
+def __getattr__(name: str):
+    # `serve run serving.app:app` builds with the environment's settings, lazily, so
+    # importing this module (tests, docs) does not read settings or touch a store.
+    if name == "app":
+        return build_app()
+    raise AttributeError(name)

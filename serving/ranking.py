@@ -1,0 +1,246 @@
+"""Recommendation ranking: candidates, blending, filtering, diversity. Pure numpy, no Ray.
+
+Candidate sources, each scored in [0, 1] within its own source:
+- ``co``:        neighbours in the co-engagement graph of the user's recent items
+                 (the real-time sequence: the strongest signal a profile has);
+- ``topic``:     trending items of the user's top topics;
+- ``embedding``: items nearest to the user's interest vector;
+- ``trending``:  global trending (the cold-start source).
+A variant's blend weights combine them; an item's reason is its strongest source.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+RECENT_FOR_CO = 10
+TOPICS_FOR_CANDIDATES = 5
+PER_SOURCE = 200
+
+
+@dataclass
+class Catalog:
+    """Items held as arrays in replica memory."""
+
+    ids: list[str] = field(default_factory=list)
+    topics: list[tuple[str, ...]] = field(default_factory=list)
+    created_at: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+    index: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_records(cls, records: Iterable[dict]) -> Catalog:
+        records = list(records)
+        ids = [r["item_id"] for r in records]
+        dims = {len(r["embedding"]) for r in records if r.get("embedding")}
+        dim = max(dims) if dims else 0
+        vectors = np.zeros((len(records), dim), dtype=np.float32)
+        for row, record in enumerate(records):
+            embedding = record.get("embedding")
+            if embedding and len(embedding) == dim:
+                vector = np.asarray(embedding, dtype=np.float32)
+                norm = float(np.linalg.norm(vector))
+                if norm > 0:
+                    vectors[row] = vector / norm
+        return cls(
+            ids=ids,
+            topics=[tuple(r.get("topics", ())) for r in records],
+            created_at=np.asarray([r.get("created_at", 0.0) for r in records], dtype=np.float64),
+            vectors=vectors,
+            index={item: row for row, item in enumerate(ids)},
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def primary_topic(self, item: str) -> str:
+        row = self.index.get(item)
+        return self.topics[row][0] if row is not None and self.topics[row] else ""
+
+    def has_topic(self, item: str, topic: str) -> bool:
+        row = self.index.get(item)
+        return row is not None and topic in self.topics[row]
+
+
+@dataclass
+class Signals:
+    """Item signals merged from the shards, with per-topic trending derived once."""
+
+    trending: dict[str, float] = field(default_factory=dict)
+    graph: dict[str, dict[str, float]] = field(default_factory=dict)
+    by_topic: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, merged: Mapping, catalog: Catalog) -> Signals:
+        trending = dict(merged.get("trending", {}))
+        top = sorted(trending.items(), key=lambda kv: -kv[1])
+        by_topic: dict[str, list[tuple[str, float]]] = {}
+        for item, score in top:
+            row = catalog.index.get(item)
+            if row is None:
+                continue
+            for topic in catalog.topics[row]:
+                bucket = by_topic.setdefault(topic, [])
+                if len(bucket) < PER_SOURCE:
+                    bucket.append((item, score))
+        return cls(
+            trending=trending, graph=dict(merged.get("graph", {})), by_topic=by_topic, top=top
+        )
+
+
+def assign_variant(user_id: str, experiments: Mapping[str, Mapping]) -> str:
+    """Deterministic bucketing: the same user always gets the same variant."""
+    total = sum(float(v.get("share", 0)) for v in experiments.values())
+    if total <= 0:
+        return next(iter(experiments))
+    point = (zlib.crc32(f"persona-exp:{user_id}".encode()) % 10_000) / 10_000 * total
+    running = 0.0
+    for name, variant in experiments.items():
+        running += float(variant.get("share", 0))
+        if point < running:
+            return name
+    return name
+
+
+def _normalise(scores: dict[str, float]) -> dict[str, float]:
+    if not scores:
+        return scores
+    top = max(scores.values())
+    return {k: v / top for k, v in scores.items()} if top > 0 else {}
+
+
+def candidate_scores(
+    profile: Mapping | None, catalog: Catalog, signals: Signals, topic: str | None
+) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Per-source normalised scores, and the evidence behind each co/topic candidate."""
+    sources: dict[str, dict[str, float]] = {"co": {}, "topic": {}, "embedding": {}, "trending": {}}
+    evidence: dict[str, str] = {}
+    if profile:
+        recent = [r for r in reversed(profile.get("r", [])) if r[2] != "hide"]
+        seen_anchor = set()
+        for position, (_ts, anchor, _action) in enumerate(recent):
+            if anchor in seen_anchor:
+                continue
+            seen_anchor.add(anchor)
+            if len(seen_anchor) > RECENT_FOR_CO:
+                break
+            neighbours = signals.graph.get(anchor)
+            if not neighbours:
+                continue
+            strongest = max(neighbours.values())
+            recency = 0.8**position
+            for other, weight in neighbours.items():
+                score = recency * weight / strongest
+                if score > sources["co"].get(other, 0.0):
+                    sources["co"][other] = score
+                    evidence[f"co:{other}"] = anchor
+        interests = sorted(
+            ((t, s) for t, s in profile.get("t", {}).items() if s > 0), key=lambda kv: -kv[1]
+        )[:TOPICS_FOR_CANDIDATES]
+        if interests:
+            strongest = interests[0][1]
+            for name, score in interests:
+                items = signals.by_topic.get(name, [])
+                if not items:
+                    continue
+                best = items[0][1] or 1.0
+                for item, trend in items:
+                    value = (score / strongest) * (trend / best)
+                    if value > sources["topic"].get(item, 0.0):
+                        sources["topic"][item] = value
+                        evidence[f"topic:{item}"] = name
+        embedding, weight = profile.get("e"), profile.get("ew", 0.0)
+        if embedding and weight > 0 and catalog.vectors.shape[1] == len(embedding):
+            user = np.asarray(embedding, dtype=np.float32) / weight
+            norm = float(np.linalg.norm(user))
+            if norm > 0 and len(catalog):
+                similarity = catalog.vectors @ (user / norm)
+                take = min(PER_SOURCE, len(similarity))
+                best_rows = np.argpartition(-similarity, take - 1)[:take]
+                for row in best_rows:
+                    if similarity[row] > 0:
+                        sources["embedding"][catalog.ids[row]] = float(similarity[row])
+    pool = signals.by_topic.get(topic, []) if topic else signals.top[:PER_SOURCE]
+    for item, score in pool[:PER_SOURCE]:
+        sources["trending"][item] = score
+    return {name: _normalise(scores) for name, scores in sources.items()}, evidence
+
+
+def recommend(
+    profile: Mapping | None,
+    catalog: Catalog,
+    signals: Signals,
+    blend: Mapping[str, float],
+    *,
+    k: int = 20,
+    topic: str | None = None,
+    exclude_seen: bool = True,
+    max_per_topic: int = 3,
+) -> list[dict]:
+    """Ranked items with score and reason; seen/hidden removed; at most
+    ``max_per_topic`` items share a primary topic."""
+    sources, evidence = candidate_scores(profile, catalog, signals, topic)
+    hidden = set((profile or {}).get("h") or ())
+    seen = {r[1] for r in (profile or {}).get("r", [])} if exclude_seen else set()
+    contributions: dict[str, dict[str, float]] = {}
+    for source, scores in sources.items():
+        weight = float(blend.get(source, 0.0))
+        if weight > 0:
+            for item, score in scores.items():
+                contributions.setdefault(item, {})[source] = weight * score
+    blended = {item: (sum(c.values()), max(c, key=c.get)) for item, c in contributions.items()}
+    restrict = len(catalog) > 0
+    ranked = sorted(blended.items(), key=lambda kv: (-kv[1][0], kv[0]))
+    results, per_topic = [], {}
+    for item, (score, source) in ranked:
+        if item in hidden or item in seen or score <= 0:
+            continue
+        if restrict and item not in catalog.index:
+            continue
+        if topic and not catalog.has_topic(item, topic):
+            continue
+        primary = catalog.primary_topic(item)
+        if primary and per_topic.get(primary, 0) >= max_per_topic:
+            continue
+        per_topic[primary] = per_topic.get(primary, 0) + 1
+        results.append(
+            {"item_id": item, "score": round(score, 6), "reason": _reason(source, item, evidence)}
+        )
+        if len(results) >= k:
+            break
+    if len(results) < k and restrict:
+        results += _newest_fill(
+            catalog, k - len(results), {r["item_id"] for r in results} | hidden | seen, topic
+        )
+    return results
+
+
+def _reason(source: str, item: str, evidence: Mapping[str, str]) -> str:
+    if source == "co":
+        anchor = evidence.get(f"co:{item}", "your recent items")
+        return f"people who engaged with {anchor} also engaged with this"
+    if source == "topic":
+        return (
+            f"trending in {evidence.get(f'topic:{item}', 'a topic you like')}, a top topic of yours"
+        )
+    if source == "embedding":
+        return "similar to what you engage with"
+    return "trending now"
+
+
+def _newest_fill(catalog: Catalog, count: int, exclude: set[str], topic: str | None) -> list[dict]:
+    """When signals are thin (a new deployment), fill with the newest catalog items."""
+    filled = []
+    for row in np.argsort(-catalog.created_at, kind="stable"):
+        item = catalog.ids[row]
+        if item in exclude or (topic and topic not in catalog.topics[row]):
+            continue
+        filled.append({"item_id": item, "score": 0.0, "reason": "new in the catalog"})
+        if len(filled) >= count:
+            break
+    return filled

@@ -1,0 +1,116 @@
+"""Recommender: a Serve deployment holding the catalog as arrays and the merged item signals.
+
+The catalog is loaded from the store and reloaded on an interval; trending and
+the co-engagement graph are pulled from every shard on a shorter interval. The
+ingress passes the user's profile along, so a recommendation costs no extra
+shard call here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ray import serve
+
+from actors.catalog import decode_item
+from actors.fleet import Fleet
+from actors.item_stats import merge_snapshots
+from persona.settings import Settings
+from serving.ranking import Catalog, Signals, assign_variant, recommend
+from storage import open_store
+
+log = logging.getLogger(__name__)
+
+
+class RecommenderCore:
+    """Everything but the Serve wrapper: usable from jobs (evaluate) and tests."""
+
+    def __init__(self, settings: Settings, fleet: Fleet | None = None):
+        self.settings = settings
+        self.store = open_store(settings=settings)
+        self.fleet = fleet
+        self.catalog = Catalog()
+        self.signals = Signals()
+        self.catalog_loaded_at = 0.0
+        self.signals_loaded_at = 0.0
+
+    def load_catalog(self) -> int:
+        records = [decode_item(i, blob) for i, blob in self.store.scan_items()]
+        self.catalog = Catalog.from_records(records)
+        self.signals = Signals.build(
+            {"trending": self.signals.trending, "graph": self.signals.graph}, self.catalog
+        )
+        self.catalog_loaded_at = time.monotonic()
+        return len(self.catalog)
+
+    async def load_signals(self) -> None:
+        if self.fleet is None:
+            self.fleet = Fleet.connect(self.settings, self.store)
+        now = time.time()
+        snapshots = await asyncio.gather(
+            *(s.item_signals.remote(now) for s in self.fleet.shards.values())
+        )
+        self.signals = Signals.build(merge_snapshots(snapshots), self.catalog)
+        self.signals_loaded_at = time.monotonic()
+
+    def recommend(
+        self, user_id: str, profile: dict | None, k: int, topic: str | None, exclude_seen: bool
+    ) -> dict:
+        experiments = self.settings.experiments
+        variant = assign_variant(user_id, experiments)
+        items = recommend(
+            profile,
+            self.catalog,
+            self.signals,
+            experiments[variant]["blend"],
+            k=k,
+            topic=topic,
+            exclude_seen=exclude_seen,
+            max_per_topic=self.settings.max_per_topic,
+        )
+        return {
+            "user_id": user_id,
+            "variant": variant,
+            "cold_start": profile is None,
+            "items": items,
+        }
+
+
+@serve.deployment(name="Recommender", max_ongoing_requests=64)
+class Recommender:
+    def __init__(self, settings: dict):
+        self.core = RecommenderCore(Settings(**settings))
+        self.core.load_catalog()
+        self._refresher: asyncio.Task | None = None
+
+    def _ensure_refresher(self) -> None:
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        settings = self.core.settings
+        while True:
+            try:
+                if time.monotonic() - self.core.catalog_loaded_at >= settings.catalog_refresh_s:
+                    await asyncio.to_thread(self.core.load_catalog)
+                await self.core.load_signals()
+            except Exception:  # keep serving the last good data
+                log.exception("recommender refresh failed")
+            await asyncio.sleep(settings.signals_refresh_s)
+
+    async def recommend(
+        self, user_id: str, profile: dict | None, k: int, topic: str | None, exclude_seen: bool
+    ) -> dict:
+        self._ensure_refresher()
+        if self.core.signals_loaded_at == 0.0:
+            await self.core.load_signals()
+        return self.core.recommend(user_id, profile, k, topic, exclude_seen)
+
+    async def refresh_now(self) -> dict:
+        """Reload catalog and signals immediately (after a bulk catalog upload)."""
+        self._ensure_refresher()
+        items = await asyncio.to_thread(self.core.load_catalog)
+        await self.core.load_signals()
+        return {"items": items, "trending": len(self.core.signals.trending)}

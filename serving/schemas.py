@@ -1,0 +1,98 @@
+"""Request and response models: they document the API in /openapi.json."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable error code")
+    message: str = Field(description="what was wrong and what to do")
+    errors: list[dict] | None = Field(None, description="per-event problems: index and reason")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class EventIn(BaseModel):
+    user_id: str = Field(min_length=1, max_length=128)
+    item_id: str = Field(min_length=1, max_length=128)
+    action: str = Field(description="one of the configured actions (view, click, save, hide, ...)")
+    ts: float = Field(ge=0, description="seconds since the epoch; at most a day ahead")
+    topics: list[str] = Field(default_factory=list, max_length=16)
+    weight: float = Field(1.0, gt=0, le=1000)
+    event_id: str | None = Field(None, max_length=128)
+
+
+class Ack(BaseModel):
+    batch_id: str
+    applied: int
+    duplicate: int
+    rejected: int
+
+
+class Interest(BaseModel):
+    topic: str
+    score: float = Field(description="decayed to the time of the request")
+
+
+class RecentAction(BaseModel):
+    item_id: str
+    action: str
+    ts: float
+
+
+class ProfileOut(BaseModel):
+    user_id: str
+    version: int
+    events: int
+    first_seen: float | None
+    last_seen: float | None
+    counters: dict[str, int]
+    interests: list[Interest]
+    recent_actions: list[RecentAction]
+    hidden_items: list[str]
+    has_embedding: bool
+
+
+class Recommendation(BaseModel):
+    item_id: str
+    score: float
+    reason: str
+
+
+class RecommendationsOut(BaseModel):
+    user_id: str
+    variant: str = Field(description="the experiment variant that served this response")
+    cold_start: bool
+    items: list[Recommendation]
+
+
+class ItemIn(BaseModel):
+    item_id: str = Field(min_length=1, max_length=128)
+    topics: list[str] = Field(default_factory=list, max_length=16)
+    embedding: list[float] | None = None
+    created_at: float = 0.0
+
+
+class ItemsIn(BaseModel):
+    items: list[ItemIn]
+
+
+class ItemOut(ItemIn):
+    pass
+
+
+class Upserted(BaseModel):
+    upserted: int
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    store: str
+    shards: dict[str, str]
