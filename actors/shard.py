@@ -15,6 +15,7 @@ import os
 import time
 
 import ray
+from ray.util.metrics import Gauge
 
 from actors.profile import Profile
 from actors.shard_state import Ack, PreparedBatch, ShardState
@@ -41,6 +42,21 @@ class ProfileShard:
         self._checkpoint_lock = asyncio.Lock()
         self._ticker: asyncio.Task | None = None
         self._checkpoint_failures = 0
+        self._pending_writes = 0
+        self._gauges = {
+            key: Gauge(f"persona_shard_{key}", description=text, tag_keys=("shard",))
+            for key, text in (
+                ("resident_profiles", "profiles held in memory"),
+                ("dirty_profiles", "profiles changed since the last checkpoint"),
+                ("pending_writes", "batches queued for this shard's journal"),
+            )
+        }
+
+    def _report(self) -> None:
+        tags = {"shard": self.state.name}
+        self._gauges["resident_profiles"].set(len(self.state.profiles), tags=tags)
+        self._gauges["dirty_profiles"].set(len(self.state.dirty), tags=tags)
+        self._gauges["pending_writes"].set(self._pending_writes, tags=tags)
 
     def _ensure_ticker(self) -> None:
         if self._ticker is None or self._ticker.done():
@@ -50,6 +66,7 @@ class ProfileShard:
         """Checkpoint on the interval or when enough profiles are dirty; back off on errors."""
         while True:
             await asyncio.sleep(1.0)
+            self._report()
             state = self.state
             due = time.monotonic() - state.last_checkpoint_at >= self.settings.checkpoint_interval_s
             if state.dirty and (
@@ -70,6 +87,13 @@ class ProfileShard:
     async def apply_batch(self, batch_id: str, events, validated: bool = False) -> dict:
         """Journal then apply a batch; a batch id seen before is acknowledged as duplicate."""
         self._ensure_ticker()
+        self._pending_writes += 1
+        try:
+            return await self._apply_batch(batch_id, events, validated)
+        finally:
+            self._pending_writes -= 1
+
+    async def _apply_batch(self, batch_id: str, events, validated: bool) -> dict:
         async with self._write_lock:
             for attempt in range(2):
                 prepared = self.state.prepare(batch_id, events, validated=validated)
@@ -177,5 +201,6 @@ def shard_actor(settings: Settings, name: str, partitions: int):
         max_task_retries=-1,
         max_concurrency=1000,
         num_cpus=settings.shard_cpus,
+        resources=settings.shard_resources,
         scheduling_strategy="SPREAD",
     ).remote(name, dataclasses.asdict(settings), partitions)

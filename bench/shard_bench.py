@@ -153,7 +153,11 @@ def bench_ingest(args) -> dict:
         checkpoint_dirty_threshold=10**9,
     )
     ray.init(
-        num_cpus=2, namespace=settings.namespace, include_dashboard=False, logging_level="error"
+        num_cpus=2,
+        namespace=settings.namespace,
+        include_dashboard=False,
+        logging_level="error",
+        resources={"persona_shard": 64},
     )
     fleet = Fleet.start(settings)
     batch_size = args.batch
@@ -249,7 +253,11 @@ def bench_recovery(args) -> dict:
         checkpoint_dirty_threshold=10**9,
     )
     ray.init(
-        num_cpus=2, namespace=settings.namespace, include_dashboard=False, logging_level="error"
+        num_cpus=2,
+        namespace=settings.namespace,
+        include_dashboard=False,
+        logging_level="error",
+        resources={"persona_shard": 64},
     )
     fleet = Fleet.start(settings)
     events = as_dicts(synthetic_events(args.users * 3, args.users, seed=5))

@@ -1,18 +1,35 @@
-"""The `persona` command line: one entry point for local operations and batch jobs."""
+"""The `persona` command line: local operations, batch jobs and a look at users.
+
+Commands: demo, up, down, status, ingest, generate, checkpoint, export, evaluate,
+profile USER, recs USER, cassandra start|stop|status|fetch, bench.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 
 from persona.errors import PersonaError
 from persona.settings import load_settings
 
 
+def _settings(args: argparse.Namespace):
+    overrides = {}
+    if getattr(args, "store", None):
+        overrides["store_url"] = args.store
+    if getattr(args, "port", None):
+        overrides["http_port"] = args.port
+    return load_settings(**overrides)
+
+
 def _cassandra(args: argparse.Namespace) -> int:
     from storage.cassandra_local import LocalNode
 
-    overrides = {"cassandra_port": args.port} if args.port else {}
+    overrides = {"cassandra_port": args.cql_port} if args.cql_port else {}
     node = LocalNode.from_settings(load_settings(**overrides))
     if args.action == "start":
         print(node.start())
@@ -27,14 +44,150 @@ def _cassandra(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from jobs.demo import run
+
+    return run(
+        _settings(args), once=args.once, users=args.users, items=args.items, events=args.events
+    )
+
+
+def _up(args: argparse.Namespace) -> int:
+    from jobs.local import up
+
+    state = up(_settings(args), haproxy=not args.no_haproxy)
+    print(
+        f"Persona is up: API {state['api']} (docs {state['api']}/docs), "
+        f"shards {', '.join(state['shards'])}; dashboard http://127.0.0.1:8265"
+    )
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from jobs.local import down
+
+    for line in down(_settings(args)):
+        print(line)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from jobs.local import status
+
+    report = status(_settings(args))
+    print(json.dumps(report, indent=2, default=str))
+    return 0 if report.get("ray") == "running" else 3
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from jobs.ingest import main
+
+    return main(args.rest)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from jobs.generate import main
+
+    main(args.rest)
+    return 0
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    from jobs.checkpoint import main
+
+    return main([])
+
+
+def _export(args: argparse.Namespace) -> int:
+    from jobs.export import main
+
+    return main(args.rest)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from jobs.evaluate import main
+
+    return main(args.rest)
+
+
+def _ask_api(args: argparse.Namespace, path: str) -> int:
+    settings = _settings(args)
+    url = f"http://127.0.0.1:{settings.http_port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            print(json.dumps(json.loads(reply.read()), indent=2))
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"persona: {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as exc:
+        print(
+            f"persona: the API at {url} is not answering ({exc.reason}); run `persona up`",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _profile(args: argparse.Namespace) -> int:
+    return _ask_api(args, f"/v1/users/{urllib.parse.quote(args.user, safe='')}/profile")
+
+
+def _recs(args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"k": args.k, **({"topic": args.topic} if args.topic else {})})
+    return _ask_api(
+        args, f"/v1/users/{urllib.parse.quote(args.user, safe='')}/recommendations?{query}"
+    )
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from bench.run_all import main
+
+    return main(["--quick"] if args.quick else [])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    cassandra = commands.add_parser("cassandra", help="run a local Cassandra node for dev/tests")
+    def command(name: str, run, help: str, passthrough: bool = False):
+        sub = commands.add_parser(name, help=help, add_help=not passthrough)
+        sub.set_defaults(run=run)
+        if passthrough:
+            sub.add_argument("rest", nargs=argparse.REMAINDER)
+        return sub
+
+    demo = command("demo", _demo, "generate, ingest and serve a synthetic data set end to end")
+    demo.add_argument("--once", action="store_true", help="exit after the walkthrough")
+    demo.add_argument("--store", help="store URL (default: embedded SQLite)")
+    demo.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    demo.add_argument("--users", type=int, default=2_000)
+    demo.add_argument("--items", type=int, default=1_000)
+    demo.add_argument("--events", type=int, default=100_000)
+
+    upc = command("up", _up, "start a local Ray head, the shards and the HTTP API")
+    upc.add_argument("--store")
+    upc.add_argument("--port", type=int)
+    upc.add_argument("--no-haproxy", action="store_true", help="use Serve's default proxy")
+    command("down", _down, "stop what `persona up` started").add_argument("--store")
+    command("status", _status, "cluster, shards and API readiness").add_argument("--store")
+    command("ingest", _ingest, "ingest event files (see `persona ingest --help`)", True)
+    command("generate", _generate, "generate a synthetic data set", True)
+    command("checkpoint", _checkpoint, "checkpoint every shard now")
+    command("export", _export, "export profiles to Parquet or JSONL", True)
+    command("evaluate", _evaluate, "offline Recall@K / NDCG@K against a popularity baseline", True)
+    profile = command("profile", _profile, "print a user's profile from the running API")
+    profile.add_argument("user")
+    profile.add_argument("--port", type=int)
+    recs = command("recs", _recs, "print a user's recommendations from the running API")
+    recs.add_argument("user")
+    recs.add_argument("--k", type=int, default=10)
+    recs.add_argument("--topic")
+    recs.add_argument("--port", type=int)
+    cassandra = command("cassandra", _cassandra, "run a local Cassandra node for dev and tests")
     cassandra.add_argument("action", choices=["start", "stop", "status", "fetch"])
-    cassandra.add_argument("--port", type=int, help="native (CQL) port; default 9042")
-    cassandra.set_defaults(run=_cassandra)
+    cassandra.add_argument("--cql-port", type=int, help="native (CQL) port; default 9042")
+    bench = command("bench", _bench, "run the benchmarks and regenerate bench/RESULTS.md")
+    bench.add_argument("--quick", action="store_true")
     return parser
 
 

@@ -41,6 +41,9 @@ class Settings:
     shards: int = 2
     # CPUs each shard actor reserves; 0 lets many shards share a laptop's cores.
     shard_cpus: float = 0.0
+    # Custom resources each shard asks for: nodes advertise how many shards they hold
+    # (cluster.yaml), so the autoscaler adds nodes as the shard count grows.
+    shard_resources: dict = field(default_factory=lambda: {"persona_shard": 1})
 
     # --- profile model ---
     half_life_days: float = 7.0

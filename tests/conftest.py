@@ -95,6 +95,7 @@ def ray_session():
         include_dashboard=False,
         object_store_memory=200 * 1024 * 1024,
         logging_level="warning",
+        resources={"persona_shard": 64},
     )
     yield ray
     try:

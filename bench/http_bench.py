@@ -1,0 +1,238 @@
+"""HTTP benchmarks with wrk: GET profile, GET recommendations, POST events, and the
+plain-uvicorn ceiling measured in the same run.
+
+    python -m bench.http_bench [--users 100000 --items 100000 --seconds 15 --store sqlite]
+
+Needs wrk (`apt-get install wrk`). Starts its own Ray (HAProxy ingress on unless
+--proxy default) and Serve app on port 8000, and a uvicorn baseline on 8101.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+from bench.shard_bench import as_dicts, store_url, synthetic_events
+
+SERVE_PORT = 8000
+CEILING_PORT = 8101
+
+
+def parse_wrk(output: str) -> dict:
+    def ms(text: str) -> float:
+        value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    figures = {"req_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))}
+    for pct in ("50", "99"):
+        match = re.search(rf"^\s+{pct}%\s+(\S+)", output, re.MULTILINE)
+        figures[f"p{pct}_ms"] = ms(match.group(1)) if match else None
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    figures["non_2xx"] = int(errors.group(1)) if errors else 0
+    return figures
+
+
+def run_wrk(url: str, script: str, connections: int, seconds: int, threads: int = 2) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "-s",
+        f.name,
+        url,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return {**parse_wrk(out), "connections": connections}
+
+
+def read_script(path: str, users: int) -> str:
+    return f"""
+math.randomseed({random.randrange(1 << 30)})
+request = function()
+  return wrk.format("GET", string.format("{path}", math.random(0, {users - 1})))
+end
+"""
+
+
+def post_script(body: str) -> str:
+    return f"""
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = {json.dumps(body)}
+"""
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def ceiling(users: int, seconds: int, connections: int) -> dict:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.uvicorn_ceiling",
+            "--port",
+            str(CEILING_PORT),
+            "--users",
+            str(users),
+        ]
+    )
+    try:
+        wait_port(CEILING_PORT)
+        return run_wrk(
+            f"http://127.0.0.1:{CEILING_PORT}",
+            read_script("/v1/users/user-%d/profile", users),
+            connections,
+            seconds,
+        )
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--store", default="sqlite", choices=["sqlite", "cassandra"])
+    parser.add_argument("--proxy", default="haproxy", choices=["haproxy", "default"])
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("bench.http_bench needs wrk: apt-get install wrk")
+
+    results = {"bench": "http", "users": args.users, "items": args.items, "proxy": args.proxy}
+    results["uvicorn_ceiling"] = ceiling(args.users, args.seconds, args.connections)
+
+    if args.proxy == "haproxy":
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    import ray
+    from ray import serve
+
+    from actors.catalog import encode_item
+    from actors.fleet import Fleet
+    from persona.settings import load_settings
+    from serving.app import build_app
+    from storage import open_store
+
+    base = load_settings()
+    url, keyspace = store_url(args.store, base)
+    overrides = {
+        "store_url": url,
+        "namespace": f"bench-http-{uuid.uuid4().hex[:6]}",
+        "max_batch_events": 10_000,
+        "checkpoint_interval_s": 3600.0,
+    }
+    settings = load_settings(**overrides)
+    ray.init(
+        num_cpus=2,
+        namespace=settings.namespace,
+        include_dashboard=False,
+        logging_level="error",
+        resources={"persona_shard": 64},
+    )
+    try:
+        store = open_store(settings=settings)
+        rng = random.Random(4)
+        topics = [f"topic-{t}" for t in range(500)]
+        for at in range(0, args.items, 20_000):
+            store.upsert_items(
+                {
+                    f"item-{i}": encode_item(
+                        {
+                            "topics": [topics[i % 500]],
+                            "embedding": [rng.gauss(0, 1) for _ in range(16)],
+                            "created_at": time.time() - i,
+                        }
+                    )
+                    for i in range(at, min(args.items, at + 20_000))
+                }
+            )
+        fleet = Fleet.start(settings, store)
+        events = as_dicts(synthetic_events(args.users * 3, args.users, items=args.items, seed=11))
+        for at in range(0, len(events), 10_000):
+            fleet.apply(f"load-{at}", events[at : at + 10_000])
+        resident = sum(s["resident"] for s in fleet.stats())
+        serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+        handle = serve.run(build_app(overrides), name="persona", route_prefix="/")
+        wait_port(SERVE_PORT)
+        # A catalog upsert over HTTP makes the recommender reload catalog and signals.
+        import httpx
+
+        httpx.put(
+            f"http://127.0.0.1:{SERVE_PORT}/v1/items",
+            json={"items": [{"item_id": "item-0", "topics": [topics[0]]}]},
+            timeout=120,
+        ).raise_for_status()
+        base_url = f"http://127.0.0.1:{SERVE_PORT}"
+        del handle
+        results["resident_users"] = resident
+        results["profile"] = run_wrk(
+            base_url,
+            read_script("/v1/users/user-%d/profile", args.users),
+            args.connections,
+            args.seconds,
+        )
+        results["recommendations"] = run_wrk(
+            base_url,
+            read_script("/v1/users/user-%d/recommendations?k=20", args.users),
+            args.connections,
+            args.seconds,
+        )
+        now = time.time()
+        body = json.dumps(
+            [
+                {
+                    "user_id": f"user-{rng.randrange(args.users)}",
+                    "item_id": f"item-{rng.randrange(args.items)}",
+                    "action": "view",
+                    "ts": now - rng.uniform(0, 86_400),
+                    "topics": [topics[rng.randrange(500)]],
+                }
+                for _ in range(1000)
+            ]
+        )
+        events_run = run_wrk(base_url + "/v1/events", post_script(body), 8, args.seconds)
+        events_run["events_per_s"] = events_run["req_per_s"] * 1000
+        results["events_1000"] = events_run
+        results["profile_to_ceiling"] = (
+            results["profile"]["req_per_s"] / results["uvicorn_ceiling"]["req_per_s"]
+        )
+        serve.shutdown()
+        fleet.shutdown()
+        if keyspace:
+            store._session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+        store.close()
+    finally:
+        ray.shutdown()
+    results.update(
+        cpus=os.cpu_count(), python=sys.version.split()[0], date=time.strftime("%Y-%m-%d")
+    )
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""What every job shares: settings, joining Ray in Persona's namespace, finding the fleet."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from actors.fleet import Fleet
+from persona.settings import Settings, load_settings
+
+
+def join_ray(settings: Settings) -> None:
+    """Join the running cluster (a `ray job submit`, or RAY_ADDRESS / `persona up`), or
+    start a local Ray when there is none, always in Persona's namespace so the
+    detached shards are visible."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = os.environ.get("RAY_ADDRESS")
+    if address or _local_cluster_running():
+        ray.init(address=address or "auto", namespace=settings.namespace, logging_level="warning")
+    else:
+        ray.init(
+            namespace=settings.namespace,
+            include_dashboard=False,
+            logging_level="warning",
+            resources=local_resources(),
+        )
+
+
+def local_resources() -> dict[str, float]:
+    """What a single-machine Ray offers: room for plenty of shards."""
+    return {"persona_shard": 64}
+
+
+def _local_cluster_running() -> bool:
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        return bool(find_bootstrap_address(None))
+    except Exception:  # no local cluster, or Ray's private helper moved
+        return False
+
+
+def fleet_for_job(settings: Settings | None = None) -> Fleet:
+    """The running fleet, or a new one (idempotent) when none is up yet."""
+    settings = settings or load_settings()
+    join_ray(settings)
+    return Fleet.start(settings)
