@@ -158,6 +158,10 @@ class ProfileShard:
         """The worker process id (operations and failure tests)."""
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this shard runs on (placement checks)."""
+        return ray.get_runtime_context().get_node_id()
+
     # --- checkpoints ---
     async def checkpoint(self) -> dict:
         """Write dirty profiles and the journal position, then trim the journal."""

@@ -1,0 +1,115 @@
+"""Helpers for tests that need a Ray head of their own (`ray start`), beside the session's.
+
+Each head gets its own temp dir; stopping it kills exactly the processes that
+carry that dir on their command line (never `ray stop`, which would stop every
+Ray on the machine, the test session's included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Head:
+    def __init__(
+        self,
+        *,
+        dashboard: bool = False,
+        env: dict | None = None,
+        extra: list[str] = (),
+        port: int | None = None,
+    ):
+        self.temp_dir = f"/tmp/rt-{uuid.uuid4().hex[:6]}"
+        self.port = port or free_port()
+        self.dashboard_port = free_port() if dashboard else None
+        # Test heads listen on loopback only and live for one test: no auth token to
+        # hand around between the head and the drivers the test starts.
+        self.env = {
+            **os.environ,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "disabled",
+            **(env or {}),
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            f"--port={self.port}",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            f"--min-worker-port={free_port()}",
+            "--max-worker-port=0",
+        ]
+        if dashboard:
+            cmd += [
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--dashboard-agent-listen-port={free_port()}",
+            ]
+        else:
+            cmd += ["--include-dashboard=false"]
+        cmd += list(extra)
+        subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=120)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def run_python(self, code: str, timeout: float = 300, env: dict | None = None) -> dict:
+        """Run a driver against this head; its last stdout line is JSON."""
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**self.env, "RAY_ADDRESS": self.address, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            raise AssertionError(
+                f"driver failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+            )
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        if not lines:
+            raise AssertionError(f"driver printed no JSON:\n{result.stdout[-3000:]}")
+        return json.loads(lines[-1])
+
+    def stop(self) -> None:
+        marker = self.temp_dir.encode()
+        for _ in range(3):
+            found = False
+            for proc in Path("/proc").iterdir():
+                if not proc.name.isdigit():
+                    continue
+                try:
+                    if marker in (proc / "cmdline").read_bytes():
+                        os.kill(int(proc.name), signal.SIGKILL)
+                        found = True
+                except (OSError, ProcessLookupError):
+                    continue
+            if not found:
+                break
+            time.sleep(0.5)
