@@ -42,6 +42,8 @@ class Head:
             **os.environ,
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_AUTH_MODE": "disabled",
+            # Job entrypoints say `python`: make that the interpreter running the tests.
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
             **(env or {}),
         }
         cmd = [
