@@ -23,6 +23,7 @@ class ItemStats:
     def __init__(self, settings: Settings, positive: dict[str, float]):
         self.trend_rate = math.log(2.0) / (settings.trending_half_life_days * 86_400.0)
         self.pair_rate = math.log(2.0) / (settings.co_engagement_half_life_days * 86_400.0)
+        self.fastest_rate = max(self.trend_rate, self.pair_rate)
         self.neighbours = settings.co_engagement_neighbours
         self.window_s = settings.co_engagement_window_s
         # Action -> weight for actions that count as engagement (hide does not).
@@ -31,9 +32,6 @@ class ItemStats:
         self.trending: dict[str, float] = {}
         self.graph: dict[str, dict[str, float]] = {}
 
-    def _scale(self, rate: float, ts: float) -> float:
-        return math.exp(max(-745.0, rate * (ts - self.t0)))
-
     def _rebase(self, ts: float) -> None:
         trend = math.exp(-self.trend_rate * (ts - self.t0))
         pair = math.exp(-self.pair_rate * (ts - self.t0))
@@ -41,27 +39,33 @@ class ItemStats:
         self.graph = {i: {n: w * pair for n, w in nb.items()} for i, nb in self.graph.items()}
         self.t0 = ts
 
-    def observe(self, events: Sequence[Sequence], previous: Iterable[tuple]) -> None:
+    def observe(self, events: Sequence[Sequence], previous: Sequence[tuple]) -> None:
         """Record one user's events; ``previous`` is the user's recent (ts, item, code)
         sequence before them, so pairs span batch boundaries."""
-        context = [(ts, item) for ts, item, _code in list(previous)[-3:]]
-        for event in sorted(events, key=lambda e: e[3]):
+        context = [(ts, item) for ts, item, _code in previous[-3:]]
+        ordered = events if len(events) == 1 else sorted(events, key=lambda e: e[3])
+        positive, trending, window = self.positive, self.trending, self.window_s
+        exp = math.exp
+        for event in ordered:
             item, action, ts = event[1], event[2], event[3]
-            weight = self.positive.get(action)
+            weight = positive.get(action)
             if weight is None:
                 continue
             if self.t0 is None:
                 self.t0 = ts
-            if max(self.trend_rate, self.pair_rate) * (ts - self.t0) > REBASE_EXPONENT:
+            age = ts - self.t0
+            if self.fastest_rate * age > REBASE_EXPONENT:
                 self._rebase(ts)
-            self.trending[item] = self.trending.get(item, 0.0) + weight * self._scale(
-                self.trend_rate, ts
+                trending, age = self.trending, 0.0
+            trending[item] = trending.get(item, 0.0) + weight * exp(
+                max(-745.0, self.trend_rate * age)
             )
-            pair_weight = self._scale(self.pair_rate, ts)
-            for other_ts, other in context:
-                if other != item and abs(ts - other_ts) <= self.window_s:
-                    self._link(item, other, pair_weight)
-                    self._link(other, item, pair_weight)
+            if context:
+                pair_weight = exp(max(-745.0, self.pair_rate * age))
+                for other_ts, other in context:
+                    if other != item and abs(ts - other_ts) <= window:
+                        self._link(item, other, pair_weight)
+                        self._link(other, item, pair_weight)
             context = [*context[-2:], (ts, item)]
 
     def _link(self, item: str, other: str, weight: float) -> None:

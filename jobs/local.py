@@ -7,10 +7,13 @@ it, the Ray head.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -40,7 +43,13 @@ def up(settings: Settings, *, haproxy: bool = True) -> dict:
 
     started_ray = False
     if not _cluster_running():
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(HAPROXY_ENV if haproxy else {})}
+        env = {
+            **os.environ,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # Job entrypoints say `python`: make that this installation's interpreter.
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+            **(HAPROXY_ENV if haproxy else {}),
+        }
         subprocess.run(
             [
                 sys.executable,
@@ -58,11 +67,14 @@ def up(settings: Settings, *, haproxy: bool = True) -> dict:
         )
         started_ray = True
     ray.init(address="auto", namespace=settings.namespace, logging_level="warning")
+    session_dir = ray._private.worker._global_node.get_session_dir_path()
     fleet = Fleet.start(settings)
     serve.start(http_options={"host": "127.0.0.1", "port": settings.http_port})
     serve.run(build_app(), name=APP_NAME, route_prefix="/", blocking=False)
     state = {
         "ray_started": started_ray,
+        # Every process of the head we started carries this path on its command line.
+        "session_dir": session_dir if started_ray else None,
         "namespace": settings.namespace,
         "shards": sorted(fleet.shards),
         "api": f"http://127.0.0.1:{settings.http_port}",
@@ -94,15 +106,38 @@ def down(settings: Settings) -> list[str]:
         except Exception as exc:
             done.append(f"no shards ({type(exc).__name__})")
         ray.shutdown()
-        if state.get("ray_started"):
-            subprocess.run(
-                [sys.executable, "-m", "ray.scripts.scripts", "stop"],
-                check=False,
-                capture_output=True,
-            )
-            done.append("Ray head stopped")
+        if state.get("ray_started") and state.get("session_dir"):
+            stopped = _stop_session(state["session_dir"])
+            done.append(f"Ray head stopped ({stopped} processes)")
     path.unlink(missing_ok=True)
     return done or ["nothing was running"]
+
+
+def _stop_session(session_dir: str, grace_s: float = 10.0) -> int:
+    """Stop exactly the processes of one Ray session (not `ray stop`, which stops
+    every Ray on the machine): SIGTERM, a grace period, then SIGKILL."""
+    marker = session_dir.encode()
+
+    def members() -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and int(proc.name) != os.getpid():
+                try:
+                    if marker in (proc / "cmdline").read_bytes():
+                        pids.append(int(proc.name))
+                except OSError:
+                    continue
+        return pids
+
+    found = members()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in members():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while members() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return len(found)
 
 
 def status(settings: Settings) -> dict:

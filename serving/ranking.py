@@ -214,9 +214,8 @@ def recommend(
         if len(results) >= k:
             break
     if len(results) < k and restrict:
-        results += _newest_fill(
-            catalog, k - len(results), {r["item_id"] for r in results} | hidden | seen, topic
-        )
+        taken = {r["item_id"] for r in results} | hidden | seen
+        results += _newest_fill(catalog, k - len(results), taken, topic, per_topic, max_per_topic)
     return results
 
 
@@ -233,13 +232,25 @@ def _reason(source: str, item: str, evidence: Mapping[str, str]) -> str:
     return "trending now"
 
 
-def _newest_fill(catalog: Catalog, count: int, exclude: set[str], topic: str | None) -> list[dict]:
-    """When signals are thin (a new deployment), fill with the newest catalog items."""
+def _newest_fill(
+    catalog: Catalog,
+    count: int,
+    exclude: set[str],
+    topic: str | None,
+    per_topic: dict[str, int],
+    max_per_topic: int,
+) -> list[dict]:
+    """When signals are thin (a new deployment), fill with the newest catalog items,
+    within the same per-topic cap."""
     filled = []
     for row in np.argsort(-catalog.created_at, kind="stable"):
         item = catalog.ids[row]
         if item in exclude or (topic and topic not in catalog.topics[row]):
             continue
+        primary = catalog.topics[row][0] if catalog.topics[row] else ""
+        if primary and per_topic.get(primary, 0) >= max_per_topic:
+            continue
+        per_topic[primary] = per_topic.get(primary, 0) + 1
         filled.append({"item_id": item, "score": 0.0, "reason": "new in the catalog"})
         if len(filled) >= count:
             break
