@@ -11,13 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable
 
 import ray
 
 from actors.events import EventValidator, ValidEvent
 from actors.profile import ProfileRules
-from actors.routing import group_users, initial_assignment, split_by_owner
+from actors.routing import (
+    group_users,
+    initial_assignment,
+    partition_of,
+    plan_moves,
+    shard_name,
+    split_by_owner,
+)
 from actors.shard import shard_actor
 from persona.errors import ConfigError, InvalidEvents, StaleEpoch
 from persona.settings import Settings
@@ -25,8 +33,8 @@ from storage import Store, open_store
 
 log = logging.getLogger(__name__)
 
-# A batch part refused for ownership is re-routed this many times before failing.
-REROUTE_ATTEMPTS = 5
+# How long a request keeps re-routing while partitions move before it gives up.
+REROUTE_SECONDS = 30.0
 
 
 def stored_partition_count(store: Store, settings: Settings) -> int:
@@ -85,6 +93,8 @@ class Fleet:
 
     def refresh(self) -> None:
         self.owners = {p: a.owner for p, a in self.store.get_assignments().items()}
+        for gone in set(self.shards) - set(self.owners.values()):
+            del self.shards[gone]
         if len(self.owners) != self.partitions:
             raise ConfigError(
                 f"only {len(self.owners)} of {self.partitions} partitions are assigned: "
@@ -117,20 +127,19 @@ class Fleet:
             raise InvalidEvents(errors)
         total = {"applied": 0, "duplicate": 0, "rejected": len(errors), "errors": errors}
         pending = split_by_owner(valid, self.owners, self.partitions)
-        for attempt in range(REROUTE_ATTEMPTS):
+        deadline = time.monotonic() + REROUTE_SECONDS
+        attempt = 0
+        while pending:
             names = list(pending)
+            # Shards dedupe per (batch id, partition): the same id for every part keeps a
+            # retried batch exactly once even when partitions moved in between.
             results = await asyncio.gather(
-                *(
-                    self.shards[n].apply_batch.remote(f"{batch_id}@{n}", pending[n], True)
-                    for n in names
-                ),
+                *(self.shards[n].apply_batch.remote(batch_id, pending[n], True) for n in names),
                 return_exceptions=True,
             )
             rerouted = []
             for name, result in zip(names, results, strict=True):
-                if isinstance(result, ray.exceptions.RayTaskError) and isinstance(
-                    result.cause, StaleEpoch
-                ):
+                if _is_moved(result):
                     rerouted.extend(pending[name])
                     continue
                 if isinstance(result, BaseException):
@@ -139,11 +148,11 @@ class Fleet:
                     total[key] += result[key]
                 total["errors"] += result["errors"]
             if not rerouted:
-                return total
-            # Ownership changed under us (a partition moved): re-read and resend.
-            if attempt == REROUTE_ATTEMPTS - 1:
+                break
+            if time.monotonic() > deadline:
                 raise StaleEpoch("partitions kept moving while the batch was routed; retry")
-            await asyncio.sleep(0.05 * (attempt + 1))
+            attempt += 1
+            await asyncio.sleep(min(0.5, 0.02 * attempt))
             self.refresh()
             pending = split_by_owner(rerouted, self.owners, self.partitions)
         return total
@@ -153,21 +162,38 @@ class Fleet:
 
     # --- reads ---
     async def get_profiles_async(self, user_ids: Iterable[str]) -> dict[str, dict]:
-        groups = group_users(dict.fromkeys(user_ids), self.owners, self.partitions)
-        parts = await asyncio.gather(
-            *(self.shards[n].get_profiles.remote(users) for n, users in groups.items())
-        )
+        wanted = list(dict.fromkeys(user_ids))
         merged: dict[str, dict] = {}
-        for part in parts:
-            merged.update(part)
+        deadline = time.monotonic() + REROUTE_SECONDS
+        attempt = 0
+        while wanted:
+            groups = group_users(wanted, self.owners, self.partitions)
+            names = list(groups)
+            parts = await asyncio.gather(
+                *(self.shards[n].get_profiles.remote(groups[n]) for n in names),
+                return_exceptions=True,
+            )
+            wanted = []
+            for name, part in zip(names, parts, strict=True):
+                if _is_moved(part):
+                    wanted += groups[name]
+                elif isinstance(part, BaseException):
+                    raise _unwrap(part)
+                else:
+                    merged.update(part["profiles"])
+                    wanted += part["moved"]
+            if wanted:
+                if time.monotonic() > deadline:
+                    raise StaleEpoch("partitions kept moving while reading; retry")
+                attempt += 1
+                await asyncio.sleep(min(0.5, 0.02 * attempt))
+                self.refresh()
         return merged
 
     def get_profiles(self, user_ids: Iterable[str]) -> dict[str, dict]:
         return _run(self.get_profiles_async(user_ids))
 
     def owner_of(self, user_id: str) -> ray.actor.ActorHandle:
-        from actors.routing import partition_of
-
         return self.shards[self.owners[partition_of(user_id, self.partitions)]]
 
     async def delete_user_async(self, user_id: str) -> bool:
@@ -176,12 +202,61 @@ class Fleet:
     def delete_user(self, user_id: str) -> bool:
         return _run(self.delete_user_async(user_id))
 
+    # --- scaling ---
+    def scale(self, shards: int) -> list[dict]:
+        """Grow or shrink the shard set while traffic continues, moving whole partitions.
+
+        Per move: the old owner stops writes to the partition, checkpoints and forgets
+        its users; the store's epoch advances (compare-and-set); the new owner takes
+        the partition and its remembered batch ids. Requests that reach the old owner
+        in between are refused with StaleEpoch and re-routed by their fleet."""
+        if shards < 1:
+            raise ConfigError("a fleet needs at least one shard")
+        self.refresh()
+        names = [shard_name(i) for i in range(shards)]
+        for name in names:
+            if name not in self.shards:
+                self.shards[name] = shard_actor(self.settings, name, self.partitions)
+        ray.get([self.shards[n].ping.remote() for n in names])
+        moves = plan_moves(self.owners, names)
+        by_pair: dict[tuple[str, str], list[int]] = {}
+        for partition, source, target in moves:
+            by_pair.setdefault((source, target), []).append(partition)
+        report = []
+        for (source, target), partitions in sorted(by_pair.items()):
+            started = time.monotonic()
+            epochs = ray.get(self.shards[source].release_partitions.remote(partitions))
+            new_epochs = self.store.claim_partitions(target, epochs)
+            ray.get(self.shards[target].acquire_partitions.remote(new_epochs, source))
+            report.append(
+                {
+                    "from": source,
+                    "to": target,
+                    "partitions": len(partitions),
+                    "seconds": time.monotonic() - started,
+                }
+            )
+        self.refresh()
+        for name in [n for n in list(self.shards) if n not in names]:
+            ray.kill(self.shards.pop(name), no_restart=True)
+        for name in names:
+            self.shards.setdefault(name, ray.get_actor(name, namespace=self.settings.namespace))
+        return report
+
     # --- operations ---
     def checkpoint(self) -> list[dict]:
         return ray.get([s.checkpoint.remote() for s in self.shards.values()])
 
     def stats(self) -> list[dict]:
         return ray.get([s.stats.remote() for s in self.shards.values()])
+
+
+def _is_moved(result) -> bool:
+    """The shard no longer owns (some of) the request's partitions, or it was removed
+    by a scale-in: re-read the assignment and resend."""
+    if isinstance(result, ray.exceptions.RayTaskError) and isinstance(result.cause, StaleEpoch):
+        return True
+    return isinstance(result, ray.exceptions.ActorDiedError | ray.exceptions.ActorUnavailableError)
 
 
 def _unwrap(error: BaseException) -> BaseException:

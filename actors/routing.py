@@ -42,3 +42,29 @@ def group_users(
     for user in user_ids:
         groups[owners[partition_of(user, partitions)]].append(user)
     return dict(groups)
+
+
+def plan_moves(owners: Mapping[int, str], shards: Sequence[str]) -> list[tuple[int, str, str]]:
+    """(partition, from, to) moves that balance partitions over ``shards`` while moving
+    as few as possible: a partition stays where it is while its shard is wanted and
+    under its quota."""
+    count = len(owners)
+    quota = {
+        s: count // len(shards) + (1 if i < count % len(shards) else 0)
+        for i, s in enumerate(shards)
+    }
+    kept: dict[str, int] = {s: 0 for s in shards}
+    homeless = []
+    for partition in sorted(owners):
+        owner = owners[partition]
+        if owner in kept and kept[owner] < quota[owner]:
+            kept[owner] += 1
+        else:
+            homeless.append(partition)
+    moves = []
+    for shard in shards:
+        while kept[shard] < quota[shard] and homeless:
+            partition = homeless.pop(0)
+            moves.append((partition, owners[partition], shard))
+            kept[shard] += 1
+    return moves

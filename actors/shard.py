@@ -17,7 +17,6 @@ import time
 import ray
 from ray.util.metrics import Gauge
 
-from actors.profile import Profile
 from actors.shard_state import Ack, PreparedBatch, ShardState
 from persona.errors import JournalConflict, PersonaError
 from persona.settings import Settings
@@ -110,6 +109,7 @@ class ProfileShard:
                     continue
                 ack = self.state.commit(prepared)
                 break
+        await self._passivate()
         if len(self.state.dirty) >= self.settings.checkpoint_dirty_threshold:
             asyncio.get_running_loop().create_task(self._checkpoint_quietly())
         return ack.as_dict()
@@ -134,15 +134,56 @@ class ProfileShard:
             return existed or bool(stored)
 
     # --- reads ---
-    async def get_profiles(self, user_ids: list[str]) -> dict[str, dict]:
-        """Records of the users that exist (memory first, then the store)."""
+    async def get_profiles(self, user_ids: list[str]) -> dict:
+        """``{"profiles": records of the users that exist, "moved": users whose partition
+        this shard does not own (the caller re-reads the assignment and asks again)}``."""
         self._ensure_ticker()
         state = self.state
-        missing = state.missing_users(user_ids)
+        moved = [u for u in user_ids if state.partition(u) not in state.owned]
+        wanted = [u for u in user_ids if state.partition(u) in state.owned]
+        missing = state.missing_users(wanted)
         if missing:
+            state.totals["load_misses"] += len(missing)
             state.install(await asyncio.to_thread(state.fetch_profiles, missing))
-        found: dict[str, Profile] = {u: state.profiles[u] for u in user_ids if u in state.profiles}
-        return {u: p.to_record(state.rules) for u, p in found.items()}
+        state.touch(wanted)
+        found = {u: state.profiles[u].to_record(state.rules) for u in wanted if u in state.profiles}
+        await self._passivate()
+        return {"profiles": found, "moved": moved}
+
+    # --- passivation ---
+    async def _passivate(self) -> None:
+        """Keep resident profiles under the cap: write dirty victims, then drop them.
+        Holds the checkpoint lock so a checkpoint never skips a profile evicted under it."""
+        if not self.state.eviction_candidates():
+            return
+        async with self._checkpoint_lock:
+            victims = self.state.eviction_candidates()
+            blobs, positions = self.state.encode_for_eviction(victims)
+            if blobs:
+                await asyncio.to_thread(self.state.store.put_profiles, blobs)
+            self.state.evict(victims, positions)
+
+    # --- partition hand-over ---
+    async def release_partitions(self, partitions: list[int]) -> dict[int, int]:
+        """Stop writes to the partitions, checkpoint, forget their users; return the
+        epochs they were held at (the mover advances them in the store)."""
+        async with self._write_lock:
+            epochs = self.state.stop_owning(partitions)
+            await self.checkpoint()
+            self.state.forget_partitions(epochs)
+        return epochs
+
+    async def acquire_partitions(self, epochs: dict[int, int], previous_owner: str) -> int:
+        """Own partitions at their new epochs, taking over their remembered batch ids."""
+        async with self._write_lock:
+            ids = await asyncio.to_thread(
+                self.state.previous_owner_batch_ids, previous_owner, list(epochs)
+            )
+            self.state.acquire(epochs, ids)
+        return len(epochs)
+
+    async def owned_partitions(self) -> dict[int, int]:
+        return dict(self.state.owned)
 
     async def item_signals(self, now: float) -> dict:
         """Trending and co-engagement snapshot decayed to ``now`` (for the recommender)."""

@@ -4,12 +4,17 @@ ProfileShard (actors/shard.py) wraps this in an async Ray actor and decides whic
 steps run in a thread (store I/O) and which on the event loop (memory). Kept
 separate so the protocol reads top to bottom in one place:
 
-1. apply:      dedupe batch id -> validate -> ownership fence -> load missing users
-               -> append journal row (write-ahead) -> apply in memory -> ack.
+1. apply:      dedupe (batch id, partition) -> validate -> ownership fence -> load
+               missing users -> append journal row (write-ahead) -> apply -> ack.
 2. checkpoint: take the dirty set and the last journal position -> write dirty
-               profiles -> record the position (and remembered batch ids) -> trim.
+               profiles -> record the position (with remembered batch ids) -> trim.
 3. recover:    read the checkpoint -> replay later journal rows, loading users
                lazily and skipping rows a profile already contains.
+4. hand-over:  release (stop writes, checkpoint, forget the users) on the old
+               owner; the store's epoch advances; acquire on the new owner, which
+               takes over the partition's remembered batch ids.
+5. passivate:  beyond the resident cap, the least recently used profiles are
+               written (if dirty) and dropped; they load again on demand.
 """
 
 from __future__ import annotations
@@ -55,11 +60,12 @@ class Ack:
 
 @dataclass
 class PreparedBatch:
-    """A batch ready to be journaled: valid events grouped by user, and its row blob."""
+    """A batch ready to be journaled: new events grouped by user, and its row blob."""
 
     batch_id: str
     seq: int
     by_user: dict[str, list[ValidEvent]]
+    partitions: list[int]
     blob: bytes
     fence: dict[int, int]
     ack: Ack
@@ -73,16 +79,28 @@ class ShardState:
         self.partitions = partitions
         self.rules = ProfileRules.from_settings(settings)
         self.validator = EventValidator(self.rules.actions, settings.max_future_seconds)
-        self.profiles: dict[str, Profile] = {}
+        # Least recently used first: the order passivation evicts in.
+        self.profiles: OrderedDict[str, Profile] = OrderedDict()
         self.dirty: set[str] = set()
-        self.batch_ids: OrderedDict[str, int] = OrderedDict()
+        # Per partition, so that a partition's memory of applied batches moves with it.
+        self.batch_ids: dict[int, OrderedDict[str, None]] = {}
         self.owned: dict[int, int] = {}
         self.last_seq = 0  # last journal position written (and applied)
         self.checkpoint_seq = 0
         self.item_vectors: dict[str, np.ndarray | None] = {}
         self.item_stats = ItemStats(settings, settings.action_weights)
-        self.totals = {"applied": 0, "duplicate": 0, "rejected": 0, "loaded": 0}
+        self.totals = {
+            "applied": 0,
+            "duplicate": 0,
+            "rejected": 0,
+            "loaded": 0,
+            "evicted": 0,
+            "load_misses": 0,
+        }
         self.last_checkpoint_at = time.monotonic()
+
+    def partition(self, user_id: str) -> int:
+        return partition_of(user_id, self.partitions)
 
     # --- ownership ---
     def refresh_ownership(self) -> dict[int, int]:
@@ -90,6 +108,34 @@ class ShardState:
             p: a.epoch for p, a in self.store.get_assignments().items() if a.owner == self.name
         }
         return self.owned
+
+    def stop_owning(self, partitions: Iterable[int]) -> dict[int, int]:
+        """Refuse further writes to partitions; return the epochs they were held at."""
+        return {p: self.owned.pop(p) for p in partitions if p in self.owned}
+
+    def forget_partitions(self, partitions: Iterable[int]) -> int:
+        """Drop the users of partitions (after a checkpoint wrote them)."""
+        partitions = set(partitions)
+        gone = [u for u in self.profiles if self.partition(u) in partitions]
+        for user in gone:
+            self.forget_user(user)
+        return len(gone)
+
+    def acquire(self, epochs: Mapping[int, int], batch_ids: Mapping[int, list[str]]) -> None:
+        for partition, epoch in epochs.items():
+            self.owned[partition] = epoch
+            remembered = self.batch_ids.setdefault(partition, OrderedDict())
+            for batch_id in batch_ids.get(partition, []):
+                remembered[batch_id] = None
+
+    def previous_owner_batch_ids(self, owner: str, partitions: Iterable[int]) -> dict[int, list]:
+        """A partition's remembered batch ids, from its previous owner's checkpoint."""
+        checkpoint = self.store.get_checkpoint(owner)
+        if checkpoint is None or not checkpoint.meta:
+            return {}
+        meta = codec.decode(checkpoint.meta, what=f"checkpoint of {owner}")
+        ids = meta.get("batch_ids", {})
+        return {p: ids.get(p, []) for p in partitions}
 
     # --- recovery ---
     def recover(self) -> int:
@@ -100,7 +146,10 @@ class ShardState:
             self.checkpoint_seq = self.last_seq = checkpoint.seq
             if checkpoint.meta:
                 meta = codec.decode(checkpoint.meta, what=f"checkpoint of {self.name}")
-                self.batch_ids = OrderedDict((b, 0) for b in meta.get("batch_ids", []))
+                self.batch_ids = {
+                    int(p): OrderedDict.fromkeys(ids)
+                    for p, ids in meta.get("batch_ids", {}).items()
+                }
                 self.item_stats.restore(meta.get("item_stats"))
         return self.catch_up()
 
@@ -119,7 +168,7 @@ class ShardState:
                     by_user.setdefault(event[0], []).append(tuple(event))
                 self.load_missing(by_user)
                 self.apply_in_memory(by_user, seq)
-                self.remember(row["batch_id"], seq)
+                self.remember(row["batch_id"], {self.partition(u) for u in by_user})
             self.last_seq = seq
             replayed += 1
         return replayed
@@ -153,6 +202,12 @@ class ShardState:
     def load_missing(self, user_ids: Iterable[str]) -> None:
         self.install(self.fetch_profiles(self.missing_users(user_ids)))
 
+    def touch(self, user_ids: Iterable[str]) -> None:
+        """Mark users as recently used (they move to the back of the eviction order)."""
+        for user in user_ids:
+            if user in self.profiles:
+                self.profiles.move_to_end(user)
+
     def fetch_item_vectors(self, item_ids: Iterable[str]) -> dict[str, np.ndarray | None]:
         unknown = [i for i in set(item_ids) if i not in self.item_vectors]
         if not unknown:
@@ -169,48 +224,49 @@ class ShardState:
         self.item_vectors.update(vectors)
 
     # --- applying ---
-    def is_duplicate(self, batch_id: str) -> bool:
-        return batch_id in self.batch_ids
-
-    def remember(self, batch_id: str, seq: int) -> None:
-        self.batch_ids[batch_id] = seq
-        self.batch_ids.move_to_end(batch_id)
-        while len(self.batch_ids) > self.settings.remembered_batch_ids:
-            self.batch_ids.popitem(last=False)
+    def remember(self, batch_id: str, partitions: Iterable[int]) -> None:
+        limit = self.settings.remembered_batch_ids
+        for partition in partitions:
+            remembered = self.batch_ids.setdefault(partition, OrderedDict())
+            remembered[batch_id] = None
+            while len(remembered) > limit:
+                remembered.popitem(last=False)
 
     def prepare(self, batch_id: str, events, *, validated: bool = False) -> PreparedBatch | Ack:
-        """Validate and fence a batch; an Ack means there is nothing to journal."""
-        if self.is_duplicate(batch_id):
-            size = len(events) if isinstance(events, list | tuple) else 0
-            self.totals["duplicate"] += size
-            return Ack(duplicate=size)
+        """Validate, dedupe and fence a batch; an Ack means there is nothing to journal.
+
+        Duplicates are decided per (batch id, partition): a batch retried after some
+        of its partitions moved to another shard is still applied exactly once."""
         if validated:
             valid, errors = [tuple(e) for e in events], []
         else:
             valid, errors = self.validator.validate(events)
-        ack = Ack(applied=len(valid), rejected=len(errors), errors=errors)
         self.totals["rejected"] += len(errors)
-        if not valid:
-            return ack
         by_user: dict[str, list[ValidEvent]] = {}
-        fence: dict[int, int] = {}
-        not_owned = set()
         for event in valid:
             by_user.setdefault(event[0], []).append(event)
-        for user in by_user:
-            partition = partition_of(user, self.partitions)
-            epoch = self.owned.get(partition)
-            if epoch is None:
-                not_owned.add(partition)
-            else:
-                fence[partition] = epoch
+        partition_of_user = {user: self.partition(user) for user in by_user}
+        not_owned = {p for p in partition_of_user.values() if p not in self.owned}
         if not_owned:
             raise StaleEpoch(
                 f"{self.name} does not own partition(s) {sorted(not_owned)[:10]}; "
                 "refresh the assignment and resend"
             )
-        blob = codec.encode({"batch_id": batch_id, "events": valid})
-        return PreparedBatch(batch_id, self.last_seq + 1, by_user, blob, fence, ack)
+        seen = {p for p in set(partition_of_user.values()) if batch_id in self.batch_ids.get(p, ())}
+        duplicate = 0
+        if seen:
+            for user in [u for u, p in partition_of_user.items() if p in seen]:
+                duplicate += len(by_user.pop(user))
+            self.totals["duplicate"] += duplicate
+        applied = sum(len(e) for e in by_user.values())
+        ack = Ack(applied=applied, duplicate=duplicate, rejected=len(errors), errors=errors)
+        if not by_user:
+            return ack
+        partitions = sorted({partition_of_user[u] for u in by_user})
+        fence = {p: self.owned[p] for p in partitions}
+        new_events = [e for events in by_user.values() for e in events]
+        blob = codec.encode({"batch_id": batch_id, "events": new_events})
+        return PreparedBatch(batch_id, self.last_seq + 1, by_user, partitions, blob, fence, ack)
 
     def append(self, batch: PreparedBatch) -> None:
         """Write-ahead: the journal row must be durable before anything is applied.
@@ -230,12 +286,15 @@ class ShardState:
         """Apply grouped events at journal position seq; skip users already past it."""
         applied = 0
         vectors = self.item_vectors or None
+        profiles = self.profiles
         for user, events in by_user.items():
-            profile = self.profiles.get(user)
+            profile = profiles.get(user)
             if profile is None:
-                profile = self.profiles[user] = Profile(user, len(self.rules.actions))
-            elif profile.journal == self.name and profile.position >= seq:
-                continue
+                profile = profiles[user] = Profile(user, len(self.rules.actions))
+            else:
+                if profile.journal == self.name and profile.position >= seq:
+                    continue
+                profiles.move_to_end(user)
             self.item_stats.observe(events, profile.recent)
             apply_events(profile, events, self.rules, embeddings=vectors)
             profile.journal, profile.position = self.name, seq
@@ -245,10 +304,49 @@ class ShardState:
 
     def commit(self, batch: PreparedBatch) -> Ack:
         self.apply_in_memory(batch.by_user, batch.seq)
-        self.remember(batch.batch_id, batch.seq)
+        self.remember(batch.batch_id, batch.partitions)
         self.last_seq = batch.seq
         self.totals["applied"] += batch.ack.applied
         return batch.ack
+
+    # --- passivation ---
+    def eviction_candidates(self) -> list[str]:
+        """Least recently used users beyond the cap (with 5% slack, so eviction runs in
+        batches rather than on every call)."""
+        cap = self.settings.max_resident_profiles
+        if not cap or len(self.profiles) <= cap:
+            return []
+        target = int(cap * 0.95)
+        count = len(self.profiles) - target
+        victims = []
+        for user in self.profiles:
+            victims.append(user)
+            if len(victims) >= count:
+                break
+        return victims
+
+    def encode_for_eviction(self, users: Iterable[str]) -> tuple[dict[str, bytes], dict[str, int]]:
+        """Blobs of the dirty users among ``users`` and the journal position each had."""
+        dirty = [u for u in users if u in self.dirty]
+        positions = {u: self.profiles[u].position for u in dirty if u in self.profiles}
+        return self.encode_profiles(positions), positions
+
+    def evict(self, users: Iterable[str], written: Mapping[str, int]) -> int:
+        """Drop users that are clean, or whose state was written and has not changed
+        since (an event applied meanwhile keeps the user resident and dirty)."""
+        evicted = 0
+        for user in users:
+            profile = self.profiles.get(user)
+            if profile is None:
+                continue
+            if user in self.dirty:
+                if written.get(user) != profile.position:
+                    continue
+                self.dirty.discard(user)
+            del self.profiles[user]
+            evicted += 1
+        self.totals["evicted"] += evicted
+        return evicted
 
     # --- deleting ---
     def forget_user(self, user_id: str) -> bool:
@@ -280,7 +378,7 @@ class ShardState:
     def checkpoint_meta(self) -> bytes:
         return codec.encode(
             {
-                "batch_ids": list(self.batch_ids),
+                "batch_ids": {p: list(ids) for p, ids in self.batch_ids.items()},
                 "item_stats": self.item_stats.state(),
                 "at": time.time(),
             }
@@ -300,6 +398,6 @@ class ShardState:
             "last_seq": self.last_seq,
             "checkpoint_seq": self.checkpoint_seq,
             "partitions_owned": len(self.owned),
-            "remembered_batch_ids": len(self.batch_ids),
+            "remembered_batch_ids": sum(len(ids) for ids in self.batch_ids.values()),
             **self.totals,
         }

@@ -148,6 +148,7 @@ def main() -> None:
     }
     settings = load_settings(**overrides)
     ray.init(
+        address="local",
         num_cpus=2,
         namespace=settings.namespace,
         include_dashboard=False,

@@ -153,6 +153,7 @@ def bench_ingest(args) -> dict:
         checkpoint_dirty_threshold=10**9,
     )
     ray.init(
+        address="local",
         num_cpus=2,
         namespace=settings.namespace,
         include_dashboard=False,
@@ -253,6 +254,7 @@ def bench_recovery(args) -> dict:
         checkpoint_dirty_threshold=10**9,
     )
     ray.init(
+        address="local",
         num_cpus=2,
         namespace=settings.namespace,
         include_dashboard=False,

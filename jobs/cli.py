@@ -1,6 +1,6 @@
 """The `persona` command line: local operations, batch jobs and a look at users.
 
-Commands: demo, up, down, status, ingest, generate, checkpoint, export, evaluate,
+Commands: demo, up, down, status, scale, ingest, generate, checkpoint, export, evaluate,
 profile USER, recs USER, cassandra start|stop|status|fetch, bench.
 """
 
@@ -77,6 +77,19 @@ def _status(args: argparse.Namespace) -> int:
     report = status(_settings(args))
     print(json.dumps(report, indent=2, default=str))
     return 0 if report.get("ray") == "running" else 3
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from jobs.common import fleet_for_job
+
+    fleet = fleet_for_job(_settings(args))
+    for move in fleet.scale(args.shards):
+        print(
+            f"moved {move['partitions']} partitions {move['from']} -> {move['to']} "
+            f"in {move['seconds']:.2f}s"
+        )
+    print(f"{len(fleet.shards)} shards: {', '.join(sorted(fleet.shards))}")
+    return 0
 
 
 def _ingest(args: argparse.Namespace) -> int:
@@ -170,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     upc.add_argument("--no-haproxy", action="store_true", help="use Serve's default proxy")
     command("down", _down, "stop what `persona up` started").add_argument("--store")
     command("status", _status, "cluster, shards and API readiness").add_argument("--store")
+    scale = command("scale", _scale, "grow or shrink the shard set live (moves whole partitions)")
+    scale.add_argument("--shards", type=int, required=True)
+    scale.add_argument("--store")
     command("ingest", _ingest, "ingest event files (see `persona ingest --help`)", True)
     command("generate", _generate, "generate a synthetic data set", True)
     command("checkpoint", _checkpoint, "checkpoint every shard now")

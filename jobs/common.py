@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 
@@ -22,6 +23,7 @@ def join_ray(settings: Settings) -> None:
         ray.init(address=address or "auto", namespace=settings.namespace, logging_level="warning")
     else:
         ray.init(
+            address="local",
             namespace=settings.namespace,
             include_dashboard=False,
             logging_level="warning",
@@ -35,12 +37,19 @@ def local_resources() -> dict[str, float]:
 
 
 def _local_cluster_running() -> bool:
+    """A `ray start` head on this machine that answers (its address file can outlive it)."""
     try:
         from ray._private.services import find_bootstrap_address
 
-        return bool(find_bootstrap_address(None))
+        address = find_bootstrap_address(None)
     except Exception:  # no local cluster, or Ray's private helper moved
         return False
+    if not address:
+        return False
+    host, _, port = address.rpartition(":")
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, int(port))) == 0
 
 
 def fleet_for_job(settings: Settings | None = None) -> Fleet:

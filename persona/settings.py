@@ -73,8 +73,12 @@ class Settings:
     checkpoint_dirty_threshold: int = 50_000
     # Journal rows per Cassandra partition: bounds partition size (a row is one batch).
     journal_bucket_rows: int = 64
-    # Batch ids remembered for duplicate detection (persisted with checkpoints).
-    remembered_batch_ids: int = 100_000
+    # Batch ids remembered per partition for duplicate detection (persisted with
+    # checkpoints, handed over with the partition when it moves).
+    remembered_batch_ids: int = 2_000
+    # Profiles a shard keeps in memory (0: no cap); beyond it the least recently
+    # used are passivated (written if dirty, then dropped) and reloaded on demand.
+    max_resident_profiles: int = 0
 
     # --- Cassandra ---
     cassandra_write_concurrency: int = 64

@@ -90,6 +90,7 @@ def ray_session():
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(
+        address="local",
         num_cpus=2,
         namespace="persona-tests",
         include_dashboard=False,

@@ -135,7 +135,7 @@ def test_a_refused_journal_write_is_neither_acknowledged_nor_applied(fleet):
     event = {"user_id": user, "item_id": "b", "action": "save", "ts": NOW}
     with pytest.raises(StaleEpoch):
         ray.get(fleet.shards[owner].apply_batch.remote("fenced", [event]))
-    record = ray.get(fleet.shards[owner].get_profiles.remote([user]))[user]
+    record = ray.get(fleet.shards[owner].get_profiles.remote([user]))["profiles"][user]
     assert record["c"] == {"view": 1}
     store.claim_partitions(owner, {partition: epoch + 1})
     store.close()

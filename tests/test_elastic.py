@@ -1,0 +1,144 @@
+"""Elastic shards: live rebalancing under load, the zombie fence, and the resident cap."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import ray
+
+from actors.fleet import Fleet
+from actors.routing import partition_of, plan_moves
+from persona.errors import StaleEpoch
+from tests.test_shards import assert_matches_reference, make_batch, reference_profiles
+
+CASSANDRA = pytest.mark.parametrize("fresh_settings", ["cassandra"], indirect=True)
+
+
+def test_plan_moves_balances_and_moves_little():
+    owners = {p: f"s{p % 2}" for p in range(16)}
+    grow = plan_moves(owners, ["s0", "s1", "s2", "s3"])
+    assert len(grow) == 8 and all(src in ("s0", "s1") for _, src, _ in grow)
+    after = dict(owners)
+    for partition, _, target in grow:
+        after[partition] = target
+    assert sorted(list(after.values()).count(s) for s in ("s0", "s1", "s2", "s3")) == [4, 4, 4, 4]
+    shrink = plan_moves(after, ["s0"])
+    assert {target for _, _, target in shrink} == {"s0"} and len(shrink) == 12
+    assert plan_moves(owners, ["s0", "s1"]) == []
+
+
+@CASSANDRA
+def test_scale_2_to_4_to_1_while_writing_and_reading(fleet):
+    settings = fleet.settings
+    rng = random.Random(11)
+    batches = [make_batch(rng, 100, users=400) for _ in range(150)]
+    acked: list[list[dict]] = []
+    read_errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        own = Fleet.connect(settings)
+        for n, batch in enumerate(batches):
+            for _attempt in range(20):
+                try:
+                    own.apply(f"live-{n}", batch)
+                    acked.append(batch)
+                    break
+                except StaleEpoch:
+                    time.sleep(0.2)
+            time.sleep(0.03)
+
+    def reader() -> None:
+        own = Fleet.connect(settings)
+        users = [f"user-{u}" for u in range(400)]
+        while not stop.is_set():
+            try:
+                own.get_profiles(random.sample(users, 20))
+            except BaseException as exc:  # any failure of a read is what this test forbids
+                read_errors.append(exc)
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    grown = fleet.scale(4)
+    assert {m["to"] for m in grown} == {"persona-shard-2", "persona-shard-3"}
+    during_growth = len(acked)
+    time.sleep(1.0)
+    fleet.scale(1)
+    during_shrink = len(acked)
+    # The moves happened while the writer was still writing.
+    assert 0 < during_growth < during_shrink < len(batches)
+    threads[0].join()
+    stop.set()
+    threads[1].join()
+    assert read_errors == []
+    assert len(acked) == len(batches)
+    assert sorted(fleet.shards) == ["persona-shard-0"]
+    assert set(fleet.store.get_assignments()[p].owner for p in range(fleet.partitions)) == {
+        "persona-shard-0"
+    }
+    assert_matches_reference(fleet, reference_profiles(settings, batches))
+
+
+def test_a_retried_batch_stays_exactly_once_across_a_move(fleet):
+    batch = make_batch(random.Random(5), 200)
+    assert fleet.apply("moving-batch", batch)["applied"] == 200
+    fleet.scale(3)
+    again = fleet.apply("moving-batch", batch)
+    assert again == {"applied": 0, "duplicate": 200, "rejected": 0, "errors": []}
+    assert_matches_reference(fleet, reference_profiles(fleet.settings, [batch]))
+
+
+def test_zombie_owner_is_fenced_by_the_store(fleet):
+    user = "zombie-target"
+    fleet.apply("z1", [{"user_id": user, "item_id": "a", "action": "view", "ts": time.time()}])
+    partition = partition_of(user, fleet.partitions)
+    zombie = fleet.owners[partition]
+    other = next(n for n in fleet.shards if n != zombie)
+    # The move happens in the store only: the old owner never hears about it.
+    epoch = fleet.store.get_assignments()[partition].epoch
+    fleet.store.claim_partitions(other, {partition: epoch})
+    event = {"user_id": user, "item_id": "b", "action": "click", "ts": time.time()}
+    with pytest.raises(StaleEpoch, match="owned by"):
+        ray.get(fleet.shards[zombie].apply_batch.remote("z2", [event]))
+
+
+@pytest.mark.parametrize("fresh_settings", ["sqlite"], indirect=True)
+def test_resident_cap_holds_and_every_user_reads_back_correctly(ray_session, fresh_settings):
+    from dataclasses import replace
+
+    settings = replace(fresh_settings, max_resident_profiles=1000, shards=1)
+    fleet = Fleet.start(settings)
+    try:
+        rng = random.Random(2)
+        users = [f"capped-{n}" for n in range(10_000)]
+        batches = []
+        for at in range(0, len(users), 500):
+            batch = [
+                {
+                    "user_id": u,
+                    "item_id": f"i{rng.randrange(50)}",
+                    "action": "click",
+                    "ts": time.time() - rng.uniform(0, 1000),
+                    "topics": [f"t{rng.randrange(8)}"],
+                }
+                for u in users[at : at + 500]
+                for _ in range(2)
+            ]
+            batches.append(batch)
+            fleet.apply(f"cap-{at}", batch)
+            assert fleet.stats()[0]["resident"] <= 1000
+        reference = reference_profiles(settings, batches)
+        for at in range(0, len(users), 500):
+            chunk = users[at : at + 500]
+            assert_matches_reference(fleet, {u: reference[u] for u in chunk})
+            assert fleet.stats()[0]["resident"] <= 1000
+        stats = fleet.stats()[0]
+        assert stats["evicted"] >= 9_000 and stats["load_misses"] >= 9_000
+    finally:
+        fleet.shutdown()
