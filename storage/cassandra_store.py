@@ -24,7 +24,12 @@ from cassandra import (
 )
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable
 from cassandra.concurrent import execute_concurrent, execute_concurrent_with_args
-from cassandra.policies import DCAwareRoundRobinPolicy, RoundRobinPolicy, TokenAwarePolicy
+from cassandra.policies import (
+    DCAwareRoundRobinPolicy,
+    ExponentialReconnectionPolicy,
+    RoundRobinPolicy,
+    TokenAwarePolicy,
+)
 from cassandra.query import BatchStatement, BatchType, SimpleStatement
 
 from persona.errors import ConfigError, JournalConflict, StaleEpoch, StoreUnavailable
@@ -107,6 +112,9 @@ class CassandraStore(Store):
             connect_timeout=options.timeout_s,
             # Schema agreement and topology refreshes are slow on a busy laptop.
             control_connection_timeout=options.timeout_s,
+            # After an outage, find the nodes again within seconds (the default backs
+            # off to 10 minutes), so writes resume without restarting anything.
+            reconnection_policy=ExponentialReconnectionPolicy(base_delay=0.5, max_delay=5.0),
         )
         with self._errors("connect"):
             self._session = self._cluster.connect()
