@@ -218,7 +218,16 @@ class Fleet:
             if name not in self.shards:
                 self.shards[name] = shard_actor(self.settings, name, self.partitions)
         ray.get([self.shards[n].ping.remote() for n in names])
-        moves = plan_moves(self.owners, names)
+        leaving = {n: h for n, h in self.shards.items() if n not in names}
+        report = self.move_partitions(plan_moves(self.owners, names))
+        for handle in leaving.values():
+            ray.kill(handle, no_restart=True)
+        for name in names:
+            self.shards.setdefault(name, ray.get_actor(name, namespace=self.settings.namespace))
+        return report
+
+    def move_partitions(self, moves: Iterable[tuple[int, str, str]]) -> list[dict]:
+        """Carry out (partition, from, to) moves, grouped by shard pair."""
         by_pair: dict[tuple[str, str], list[int]] = {}
         for partition, source, target in moves:
             by_pair.setdefault((source, target), []).append(partition)
@@ -237,10 +246,6 @@ class Fleet:
                 }
             )
         self.refresh()
-        for name in [n for n in list(self.shards) if n not in names]:
-            ray.kill(self.shards.pop(name), no_restart=True)
-        for name in names:
-            self.shards.setdefault(name, ray.get_actor(name, namespace=self.settings.namespace))
         return report
 
     # --- operations ---

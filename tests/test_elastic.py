@@ -79,6 +79,9 @@ def test_scale_2_to_4_to_1_while_writing_and_reading(fleet):
     assert read_errors == []
     assert len(acked) == len(batches)
     assert sorted(fleet.shards) == ["persona-shard-0"]
+    for removed in ("persona-shard-1", "persona-shard-2", "persona-shard-3"):
+        with pytest.raises(ValueError):
+            ray.get_actor(removed, namespace=settings.namespace)
     assert set(fleet.store.get_assignments()[p].owner for p in range(fleet.partitions)) == {
         "persona-shard-0"
     }

@@ -189,7 +189,7 @@ def test_ray_job_submit_ingest_then_read_over_http(head, tmp_path):
 
 
 def test_ingest_killed_halfway_and_run_again_applies_every_event_once(head, tmp_path):
-    events = [good(n, f"kill-{n % 50}") for n in range(6000)]
+    events = [good(n, f"kill-{n % 50}") for n in range(40_000)]
     source = write_jsonl(tmp_path / "big.jsonl", events)
     env = {**head.env, "RAY_ADDRESS": head.address, **head.settings_env}
     command = [
