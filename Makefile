@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test lint format cassandra-start cassandra-stop bench bench-quick clean
+.PHONY: install demo test lint format cassandra-start cassandra-stop bench bench-quick bench-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,17 @@ cassandra-start: install
 cassandra-stop: install
 	$(BIN)/persona cassandra stop
 
-bench: install
-	$(BIN)/python -m bench.store_bench
+# Benchmarks need wrk (a C load generator) and matplotlib for the scaling plot.
+bench-deps: install
+	$(BIN)/pip install -q -e ".[test,bench]"
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/persona cassandra fetch
+
+bench: bench-deps
+	$(BIN)/python -m bench.run_all
+
+bench-quick: bench-deps
+	$(BIN)/python -m bench.run_all --quick
 
 clean:
 	rm -rf $(VENV) .cache data .pytest_cache .ruff_cache .hypothesis

@@ -181,6 +181,15 @@ def bench_ingest(args) -> dict:
     start = time.perf_counter()
     totals = asyncio.run(run())
     seconds = time.perf_counter() - start
+    read_ms = []
+    names = [f"user-{n}" for n in range(args.users)]
+    rng = random.Random(3)
+    deadline = time.monotonic() + args.read_seconds
+    while time.monotonic() < deadline:
+        began = time.perf_counter()
+        fleet.get_profiles([rng.choice(names)])
+        read_ms.append((time.perf_counter() - began) * 1000)
+    read_ms.sort()
     fleet.shutdown()
     ray.shutdown()
     drop(open_store(settings=settings), keyspace)
@@ -192,7 +201,52 @@ def bench_ingest(args) -> dict:
         "events": len(events),
         "seconds": seconds,
         "events_per_s": totals["applied"] / seconds,
+        "read_p50_ms": read_ms[len(read_ms) // 2] if read_ms else None,
+        "read_p99_ms": read_ms[int(len(read_ms) * 0.99)] if read_ms else None,
         **totals,
+    }
+
+
+# --- peer baseline: a naive dict-of-dicts actor --------------------------------------
+
+
+class NaiveActor:
+    """What a first version would write: dict-of-dicts updates, no journal, no decay."""
+
+    def __init__(self) -> None:
+        self.state: dict = {}
+
+    def apply(self, events: list[tuple]) -> int:
+        naive_apply(self.state, events)
+        return len(events)
+
+
+def bench_naive_ingest(args) -> dict:
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="error")
+    actors = [ray.remote(NaiveActor).remote() for _ in range(args.shards)]
+    events = synthetic_events(args.events, args.users)
+    batches = [events[at : at + args.batch] for at in range(0, len(events), args.batch)]
+    start = time.perf_counter()
+    pending = []
+    for batch in batches:
+        # Route by user like the fleet does, one call per actor per batch.
+        parts: dict[int, list] = defaultdict(list)
+        for event in batch:
+            parts[hash(event[0]) % len(actors)].append(event)
+        pending += [actors[i].apply.remote(part) for i, part in parts.items()]
+        if len(pending) > 4 * len(actors):
+            ray.get(pending[: len(actors)])
+            pending = pending[len(actors) :]
+    ray.get(pending)
+    seconds = time.perf_counter() - start
+    ray.shutdown()
+    return {
+        "bench": "naive_ingest",
+        "shards": args.shards,
+        "events": len(events),
+        "events_per_s": len(events) / seconds,
     }
 
 
@@ -336,7 +390,10 @@ def bench_memory(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["apply", "ingest", "checkpoint", "recovery", "memory"])
+    parser.add_argument(
+        "which", choices=["apply", "ingest", "naive_ingest", "checkpoint", "recovery", "memory"]
+    )
+    parser.add_argument("--read-seconds", type=float, default=5.0, help="ingest: read sampling")
     parser.add_argument("--events", type=int)
     parser.add_argument("--users", type=int)
     parser.add_argument("--batches", type=int, default=50)
@@ -349,6 +406,7 @@ def main() -> None:
     defaults = {
         "apply": (10_000, 100_000),
         "ingest": (1_000_000, 100_000),
+        "naive_ingest": (1_000_000, 100_000),
         "recovery": (0, 100_000),
         "memory": (0, 1_000_000),
         "checkpoint": (0, 0),

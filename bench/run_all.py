@@ -1,0 +1,435 @@
+"""Run every benchmark, write bench/results.json and regenerate bench/RESULTS.md (and
+bench/scaling.png): each figure next to its target, with the peer baselines measured
+in the same run and the machine it ran on.
+
+    python -m bench.run_all [--quick]      (make bench / make bench-quick, persona bench)
+
+Starts the local Cassandra node if none answers (and stops it again afterwards).
+Each benchmark runs in its own process, so each gets a fresh Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from persona.settings import load_settings
+
+HERE = Path(__file__).resolve().parent
+
+
+def sizes(quick: bool) -> dict:
+    if quick:
+        return {
+            "store": 20_000,
+            "apply_batches": 10,
+            "ingest": 200_000,
+            "checkpoint": 100_000,
+            "recovery": 20_000,
+            "memory": [100_000],
+            "http_s": 5,
+            "http_users": 20_000,
+            "http_items": 20_000,
+            "scaling_events": 60_000,
+        }
+    return {
+        "store": 100_000,
+        "apply_batches": 50,
+        "ingest": 1_000_000,
+        "checkpoint": 1_000_000,
+        "recovery": 100_000,
+        "memory": [100_000, 1_000_000],
+        "http_s": 15,
+        "http_users": 100_000,
+        "http_items": 100_000,
+        "scaling_events": 300_000,
+    }
+
+
+def run_module(module: str, *args: str, timeout: float = 1800) -> dict:
+    command = [sys.executable, "-m", module, *args]
+    print(f"$ {' '.join(['python', '-m', module, *args])}", flush=True)
+    started = time.monotonic()
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent
+    )
+    if result.returncode != 0:
+        print(result.stdout[-2000:], result.stderr[-4000:], file=sys.stderr)
+        return {"error": f"exit {result.returncode}", "command": " ".join(command[1:])}
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    figures = json.loads(lines[-1])
+    figures["command"] = "python -m " + " ".join([module, *args])
+    figures["wall_s"] = round(time.monotonic() - started, 1)
+    return figures
+
+
+def machine() -> dict:
+    import ray
+
+    with open("/proc/meminfo") as meminfo:
+        total = next(line for line in meminfo if line.startswith("MemTotal"))
+    memory_kb = int(total.split()[1])
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gb": round(memory_kb / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "cassandra": _cassandra_version(),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def _cassandra_version() -> str:
+    from storage.cassandra_local import LocalNode
+
+    return LocalNode.from_settings(load_settings()).release_version() or "unknown"
+
+
+def collect(quick: bool) -> dict:
+    size = sizes(quick)
+    r: dict = {"quick": quick}
+    r["store"] = run_module("bench.store_bench", "--profiles", str(size["store"]))
+    r["apply"] = run_module("bench.shard_bench", "apply", "--batches", str(size["apply_batches"]))
+    r["ingest"] = run_module("bench.shard_bench", "ingest", "--events", str(size["ingest"]))
+    r["naive_ingest"] = run_module(
+        "bench.shard_bench", "naive_ingest", "--events", str(size["ingest"])
+    )
+    r["checkpoint"] = run_module(
+        "bench.shard_bench", "checkpoint", "--profiles", str(size["checkpoint"])
+    )
+    r["recovery"] = run_module("bench.shard_bench", "recovery", "--users", str(size["recovery"]))
+    r["memory"] = [
+        run_module("bench.shard_bench", "memory", "--users", str(n)) for n in size["memory"]
+    ]
+    r["http"] = run_module(
+        "bench.http_bench",
+        "--seconds",
+        str(size["http_s"]),
+        "--users",
+        str(size["http_users"]),
+        "--items",
+        str(size["http_items"]),
+    )
+    r["elastic"] = run_module("bench.elastic_bench", *(["--quick"] if quick else []))
+    data = HERE / "out" / "eval"
+    run_module(
+        "jobs.generate",
+        "--users",
+        "2000",
+        "--items",
+        "1000",
+        "--events",
+        "100000",
+        "--out",
+        str(data),
+    )
+    r["quality"] = run_module("jobs.evaluate", str(data / "events.jsonl"), "--k", "10")
+    r["scaling"] = [
+        run_module(
+            "bench.shard_bench",
+            "ingest",
+            "--events",
+            str(size["scaling_events"]),
+            "--shards",
+            str(shards),
+            "--read-seconds",
+            "3",
+        )
+        for shards in (1, 2, 4)
+    ]
+    return r
+
+
+def _get(data, *path, default=None):
+    for key in path:
+        if (isinstance(data, dict) and key in data) or (
+            isinstance(data, list) and isinstance(key, int) and len(data) > key
+        ):
+            data = data[key]
+        else:
+            return default
+    return data
+
+
+def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
+    """(figure, target, measured, met) rows."""
+
+    def row(name, target, value, ok, fmt="{:,.0f}"):
+        if value is None:
+            return (name, target, "not measured", None)
+        return (name, target, fmt.format(value) if not isinstance(value, str) else value, ok(value))
+
+    http = r.get("http", {})
+    memory = r.get("memory") or [{}]
+    rows = [
+        row(
+            "Cassandra profile writes/s",
+            ">= 20,000",
+            _get(r, "store", "store_bench", "cassandra", "write_per_s"),
+            lambda v: v >= 20_000,
+        ),
+        row(
+            "Cassandra profile reads/s",
+            ">= 20,000",
+            _get(r, "store", "store_bench", "cassandra", "read_per_s"),
+            lambda v: v >= 20_000,
+        ),
+        row(
+            "in-memory apply, events/s per shard process",
+            ">= 1,000,000",
+            _get(r, "apply", "apply_events_per_s"),
+            lambda v: v >= 1_000_000,
+        ),
+        row(
+            "end-to-end ingest with Cassandra journal, events/s",
+            ">= 300,000",
+            _get(r, "ingest", "events_per_s"),
+            lambda v: v >= 300_000,
+        ),
+        row(
+            f"checkpoint of {_get(r, 'checkpoint', 'profiles', default=0):,} profiles, s",
+            "<= 30 s (1M)",
+            _get(r, "checkpoint", "seconds"),
+            lambda v: v <= 30 * _get(r, "checkpoint", "profiles", default=1) / 1_000_000,
+            "{:.1f}",
+        ),
+        row(
+            f"recovery of {_get(r, 'recovery', 'users', default=0):,} users after SIGKILL, s",
+            "<= 5 s (100k)",
+            _get(r, "recovery", "kill_to_all_reads_s"),
+            lambda v: v <= 5,
+            "{:.1f}",
+        ),
+        row(
+            f"resident bytes per profile ({_get(memory, -1, 'users', default=0):,} users)",
+            "<= 1,024",
+            _get(memory, -1, "bytes_per_profile"),
+            lambda v: v <= 1024,
+        ),
+        row(
+            "GET profile req/s (32 conns)",
+            ">= 2,000",
+            _get(http, "profile", "req_per_s"),
+            lambda v: v >= 2000,
+        ),
+        row(
+            "GET profile p99 ms",
+            "<= 25",
+            _get(http, "profile", "p99_ms"),
+            lambda v: v <= 25,
+            "{:.1f}",
+        ),
+        row(
+            "GET recommendations req/s",
+            ">= 1,000",
+            _get(http, "recommendations", "req_per_s"),
+            lambda v: v >= 1000,
+        ),
+        row(
+            "GET recommendations p99 ms",
+            "<= 50",
+            _get(http, "recommendations", "p99_ms"),
+            lambda v: v <= 50,
+            "{:.1f}",
+        ),
+        row(
+            "POST /v1/events, events/s (1,000-event batches)",
+            ">= 100,000",
+            _get(http, "events_1000", "events_per_s"),
+            lambda v: v >= 100_000,
+        ),
+    ]
+    return rows
+
+
+def peers(r: dict) -> list[tuple[str, str, str]]:
+    http = r.get("http", {})
+    return [
+        (
+            "reads: plain uvicorn + FastAPI dict lookup (req/s, p99 ms)",
+            f"{_get(http, 'uvicorn_ceiling', 'req_per_s', default=0):,.0f}, {_get(http, 'uvicorn_ceiling', 'p99_ms', default=0):.1f}",
+            f"Persona GET profile is {_get(http, 'profile_to_ceiling', default=0):.2f}x of it",
+        ),
+        (
+            "ingest: naive dict-of-dicts actors, no journal (events/s)",
+            f"{_get(r, 'naive_ingest', 'events_per_s', default=0):,.0f}",
+            f"Persona with the Cassandra journal: {_get(r, 'ingest', 'events_per_s', default=0) / max(_get(r, 'naive_ingest', 'events_per_s', default=1), 1):.2f}x",
+        ),
+        (
+            "in-memory apply: naive dict-of-dicts loop (events/s)",
+            f"{_get(r, 'apply', 'naive_dict_events_per_s', default=0):,.0f}",
+            f"Persona's model: {_get(r, 'apply', 'apply_events_per_s', default=0) / max(_get(r, 'apply', 'naive_dict_events_per_s', default=1), 1):.2f}x",
+        ),
+        (
+            "checkpoint writes: one row per feature, Feast style (profiles/s)",
+            f"{_get(r, 'store', 'store_bench', 'feast_style_cassandra', 'profiles_per_s', default=0):,.0f}",
+            f"Persona, one blob per profile: {_get(r, 'store', 'store_bench', 'cassandra', 'write_per_s', default=0) / max(_get(r, 'store', 'store_bench', 'feast_style_cassandra', 'profiles_per_s', default=1), 1):.1f}x",
+        ),
+    ]
+
+
+def plot(r: dict, out: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    scaling = [s for s in r.get("scaling", []) if "events_per_s" in s]
+    memory = [m for m in r.get("memory", []) if "bytes_per_profile" in m]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    if scaling:
+        shards = [s["shards"] for s in scaling]
+        axes[0].plot(shards, [s["events_per_s"] for s in scaling], marker="o")
+        axes[0].set(
+            title="ingest throughput (Cassandra journal)", xlabel="shards", ylabel="events/s"
+        )
+        axes[1].plot(shards, [s["read_p99_ms"] for s in scaling], marker="o", color="tab:orange")
+        axes[1].set(title="profile read p99 (fleet)", xlabel="shards", ylabel="ms")
+    if memory:
+        users = [m["users"] for m in memory]
+        axes[2].plot(
+            users,
+            [m["bytes_per_profile"] * m["users"] / 2**30 for m in memory],
+            marker="o",
+            color="tab:green",
+        )
+        axes[2].set(title="resident memory", xlabel="users", ylabel="GiB", xscale="log")
+    fig.suptitle(f"Persona on {os.cpu_count()} cores ({'quick' if r.get('quick') else 'full'} run)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return True
+
+
+def render(r: dict, facts: dict) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        "Regenerated by `make bench` (`make bench-quick` for the short run); the raw figures "
+        "are in `bench/results.json`. Do not edit by hand: notes live in `bench/NOTES.md`.",
+        "",
+        f"Run: **{'quick' if r['quick'] else 'full'}**, {facts['date']}. Machine: {facts['cpus']} cores, "
+        f"{facts['memory_gb']} GB RAM, Python {facts['python']}, Ray {facts['ray']}, Cassandra "
+        f"{facts['cassandra']} (single local node on the same cores), {facts['platform']}.",
+        "",
+        "## Targets",
+        "",
+        "| figure | target | measured | met |",
+        "|---|---|---|---|",
+    ]
+    for name, target, measured, ok in targets(r):
+        verdict = "yes" if ok else ("**no**" if ok is False else "—")
+        lines.append(f"| {name} | {target} | {measured} | {verdict} |")
+    lines += [
+        "",
+        "## Peer baselines (same run)",
+        "",
+        "| baseline | measured | Persona |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in peers(r)]
+    quality = r.get("quality", {})
+    if "persona" in quality:
+        lines += [
+            "",
+            "## Recommendation quality",
+            "",
+            f"`persona evaluate` on a generated data set (2,000 users, 1,000 items, 100,000 events; "
+            f"chronological split per user, last 20% held out, {quality['users_evaluated']} users):",
+            "",
+            "| recommender | Recall@10 | NDCG@10 |",
+            "|---|---|---|",
+            f"| Persona | {quality['persona']['recall']:.4f} | {quality['persona']['ndcg']:.4f} |",
+            f"| global popularity (same split) | {quality['popularity']['recall']:.4f} | {quality['popularity']['ndcg']:.4f} |",
+        ]
+    elastic = r.get("elastic", {})
+    if "move" in elastic:
+        lines += [
+            "",
+            "## Elasticity",
+            "",
+            f"- Moving one partition holding {elastic['move']['users_in_partition']:,} users "
+            f"(dirty, so it includes their checkpoint): {elastic['move']['move_seconds']:.2f} s.",
+            f"- Profile reads during a 2 -> 4 scale-out ({elastic['scale_out']['scale_2_to_4_s']:.1f} s): "
+            f"p50 {elastic['scale_out']['during_p50_ms']:.1f} ms, p99 {elastic['scale_out']['during_p99_ms']:.1f} ms, "
+            f"max {elastic['scale_out']['during_max_ms']:.0f} ms (steady: p99 {elastic['scale_out']['steady_p99_ms']:.1f} ms).",
+            f"- Reads of users loaded from the store (cold) p50 {elastic['cold_vs_resident']['cold']['p50_ms']:.1f} ms / "
+            f"p99 {elastic['cold_vs_resident']['cold']['p99_ms']:.1f} ms; resident p50 "
+            f"{elastic['cold_vs_resident']['resident']['p50_ms']:.1f} ms / p99 {elastic['cold_vs_resident']['resident']['p99_ms']:.1f} ms.",
+            f"- Ingest of {elastic['ingest_under_cap']['users']:,} users under a cap of "
+            f"{elastic['ingest_under_cap']['cap_per_shard']:,} per shard: "
+            f"{elastic['ingest_under_cap']['events_per_s']:,.0f} events/s; max resident "
+            f"{elastic['ingest_under_cap']['max_resident']:,}, evicted {elastic['ingest_under_cap']['evicted']:,}.",
+        ]
+    if r.get("scaling"):
+        lines += [
+            "",
+            "## Scaling",
+            "",
+            "![scaling](scaling.png)",
+            "",
+            "| shards | ingest events/s | read p99 ms |",
+            "|---|---|---|",
+        ]
+        for s in r["scaling"]:
+            if "events_per_s" in s:
+                lines.append(
+                    f"| {s['shards']} | {s['events_per_s']:,.0f} | {s['read_p99_ms']:.1f} |"
+                )
+        lines.append("")
+        lines.append(
+            "Memory: "
+            + ", ".join(
+                f"{m['users']:,} users -> {m['bytes_per_profile'] * m['users'] / 2**30:.2f} GiB"
+                for m in r.get("memory", [])
+                if "bytes_per_profile" in m
+            )
+            + ". 3,000,000 users are not measured here: at the measured bytes per profile they "
+            "would need about 20 GB of this machine's 24 GB next to Ray and Cassandra."
+        )
+    lines += ["", "## Commands", ""]
+    for value in r.values():
+        for entry in value if isinstance(value, list) else [value]:
+            if isinstance(entry, dict) and "command" in entry:
+                lines.append(f"- `{entry['command']}` ({entry.get('wall_s', '?')} s)")
+    notes = HERE / "NOTES.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short run (under 5 minutes)")
+    args = parser.parse_args(argv)
+    from storage.cassandra_local import LocalNode
+
+    node = LocalNode.from_settings(load_settings())
+    started_node = False
+    if not node.cql_ready():
+        print(node.start(), flush=True)
+        started_node = True
+    try:
+        results = collect(args.quick)
+        facts = machine()
+    finally:
+        if started_node:
+            print(node.stop())
+    results["machine"] = facts
+    (HERE / "results.json").write_text(json.dumps(results, indent=2))
+    plot(results, HERE / "scaling.png")
+    (HERE / "RESULTS.md").write_text(render(results, facts))
+    print(f"wrote {HERE / 'results.json'}, {HERE / 'RESULTS.md'}, {HERE / 'scaling.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
