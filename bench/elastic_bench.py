@@ -20,7 +20,7 @@ import time
 import uuid
 
 from actors.routing import partition_of
-from bench.shard_bench import as_dicts, drop, store_url, synthetic_events
+from bench.common import as_dicts, drop, start_local_ray, store_url, synthetic_events
 from persona.settings import load_settings
 from storage import open_store
 
@@ -36,14 +36,7 @@ def _fleet(settings):
     from actors.fleet import Fleet
 
     if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=2,
-            namespace=settings.namespace,
-            include_dashboard=False,
-            logging_level="error",
-            resources={"persona_shard": 64},
-        )
+        start_local_ray(settings.namespace)
     return Fleet.start(settings)
 
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 
-from bench.shard_bench import as_dicts, store_url, synthetic_events
+from bench.common import as_dicts, start_local_ray, store_url, synthetic_events
 
 SERVE_PORT = 8000
 CEILING_PORT = 8101
@@ -147,14 +147,7 @@ def main() -> None:
         "checkpoint_interval_s": 3600.0,
     }
     settings = load_settings(**overrides)
-    ray.init(
-        address="local",
-        num_cpus=2,
-        namespace=settings.namespace,
-        include_dashboard=False,
-        logging_level="error",
-        resources={"persona_shard": 64},
-    )
+    start_local_ray(settings.namespace)
     try:
         store = open_store(settings=settings)
         rng = random.Random(4)

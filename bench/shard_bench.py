@@ -20,59 +20,15 @@ import os
 import random
 import resource
 import sys
-import tempfile
 import time
 import uuid
 from collections import defaultdict
 
 from actors.profile import Profile, ProfileRules
 from actors.shard_state import ShardState
+from bench.common import T0, as_dicts, drop, start_local_ray, store_url, synthetic_events
 from persona.settings import load_settings
 from storage import open_store
-
-T0 = time.time() - 30 * 86_400
-ACTIONS = ["view"] * 14 + ["click"] * 4 + ["save", "like", "hide"]
-
-
-def synthetic_events(count: int, users: int, items: int = 100_000, seed: int = 1) -> list[tuple]:
-    rng = random.Random(seed)
-    topics = [f"topic-{t}" for t in range(500)]
-    return [
-        (
-            f"user-{rng.randrange(users)}",
-            f"item-{rng.randrange(items)}",
-            rng.choice(ACTIONS),
-            T0 + rng.uniform(0, 30 * 86_400),
-            (topics[rng.randrange(500)], topics[rng.randrange(500)]),
-            1.0,
-        )
-        for _ in range(count)
-    ]
-
-
-def as_dicts(events: list[tuple]) -> list[dict]:
-    return [
-        {"user_id": u, "item_id": i, "action": a, "ts": ts, "topics": list(t)}
-        for u, i, a, ts, t, _w in events
-    ]
-
-
-def store_url(kind: str, settings) -> tuple[str, str | None]:
-    if kind == "cassandra":
-        keyspace = f"persona_bench_{uuid.uuid4().hex[:8]}"
-        return (
-            f"cassandra://127.0.0.1:{settings.cassandra_port}/{keyspace}"
-            "?replication=1&consistency=LOCAL_QUORUM",
-            keyspace,
-        )
-    return f"sqlite:///{tempfile.mkdtemp()}/bench.db", None
-
-
-def drop(store, keyspace: str | None) -> None:
-    if keyspace:
-        store._session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
-    store.close()
-
 
 # --- in-memory apply -------------------------------------------------------------------
 
@@ -152,14 +108,7 @@ def bench_ingest(args) -> dict:
         checkpoint_interval_s=3600,
         checkpoint_dirty_threshold=10**9,
     )
-    ray.init(
-        address="local",
-        num_cpus=2,
-        namespace=settings.namespace,
-        include_dashboard=False,
-        logging_level="error",
-        resources={"persona_shard": 64},
-    )
+    start_local_ray(settings.namespace)
     fleet = Fleet.start(settings)
     batch_size = args.batch
     events = as_dicts(synthetic_events(args.events, args.users))
@@ -224,7 +173,7 @@ class NaiveActor:
 def bench_naive_ingest(args) -> dict:
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="error")
+    start_local_ray()
     actors = [ray.remote(NaiveActor).remote() for _ in range(args.shards)]
     events = synthetic_events(args.events, args.users)
     batches = [events[at : at + args.batch] for at in range(0, len(events), args.batch)]
@@ -307,14 +256,7 @@ def bench_recovery(args) -> dict:
         checkpoint_interval_s=3600,
         checkpoint_dirty_threshold=10**9,
     )
-    ray.init(
-        address="local",
-        num_cpus=2,
-        namespace=settings.namespace,
-        include_dashboard=False,
-        logging_level="error",
-        resources={"persona_shard": 64},
-    )
+    start_local_ray(settings.namespace)
     fleet = Fleet.start(settings)
     events = as_dicts(synthetic_events(args.users * 3, args.users, seed=5))
     batches = [events[at : at + 10_000] for at in range(0, len(events), 10_000)]
