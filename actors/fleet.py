@@ -1,9 +1,11 @@
 """The fleet: creates or finds the shard actors, routes batches and reads to their owners.
 
 Used by the Serve ingress, the jobs and the CLI. A batch is validated once here,
-split by owning shard, and each part is sent with a derived batch id
-(``<batch id>@<shard>``), so a client that retries a whole batch is still applied
-exactly once, part by part.
+split by owning shard, and each part is sent under the batch's own id; shards
+remember ids per (batch, partition), so a client that retries a whole batch is
+applied exactly once, even when some of its partitions moved in between. Requests
+that reach a shard which no longer owns a partition are re-routed after
+re-reading the assignment.
 """
 
 from __future__ import annotations
