@@ -155,10 +155,26 @@ class ShardState:
 
     def catch_up(self) -> int:
         """Apply journal rows after last_seq (after a restart, or rows another
-        incarnation of this shard wrote). Rows a profile already holds are skipped."""
-        replayed = 0
-        for seq, blob in self.store.read_journal(self.name, self.last_seq):
-            row = codec.decode(blob, what=f"journal {self.name}@{seq}")
+        incarnation of this shard wrote). Rows a profile already holds are skipped.
+
+        The users the rows touch are loaded from the store in one bulk read before
+        anything is applied: one grouped request per ~100 users instead of a round
+        trip per row is most of what recovery costs."""
+        rows = [
+            (seq, codec.decode(blob, what=f"journal {self.name}@{seq}"))
+            for seq, blob in self.store.read_journal(self.name, self.last_seq)
+        ]
+        deleted_later: set[str] = set()
+        touched: dict[str, None] = {}
+        for _seq, row in reversed(rows):
+            if "delete" in row:
+                deleted_later.add(row["delete"])
+            else:
+                for event in row["events"]:
+                    if event[0] not in deleted_later:
+                        touched[event[0]] = None
+        self.load_missing(touched)
+        for seq, row in rows:
             if "delete" in row:
                 self.forget_user(row["delete"])
                 self.store.delete_profiles([row["delete"]])
@@ -166,12 +182,10 @@ class ShardState:
                 by_user: dict[str, list] = {}
                 for event in row["events"]:
                     by_user.setdefault(event[0], []).append(tuple(event))
-                self.load_missing(by_user)
                 self.apply_in_memory(by_user, seq)
                 self.remember(row["batch_id"], {self.partition(u) for u in by_user})
             self.last_seq = seq
-            replayed += 1
-        return replayed
+        return len(rows)
 
     # --- loading ---
     def missing_users(self, user_ids: Iterable[str]) -> list[str]:

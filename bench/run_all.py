@@ -203,7 +203,7 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
         row(
             f"recovery of {_get(r, 'recovery', 'users', default=0):,} users after SIGKILL, s",
             "<= 5 s (100k)",
-            _get(r, "recovery", "kill_to_all_reads_s"),
+            _get(r, "recovery", "kill_to_answering_s"),
             lambda v: v <= 5,
             "{:.1f}",
         ),

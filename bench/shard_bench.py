@@ -271,13 +271,17 @@ def bench_recovery(args) -> dict:
     shard = next(iter(fleet.shards.values()))
     os.kill(ray.get(shard.pid.remote()), signal.SIGKILL)
     start = time.perf_counter()
+    probe = sample[:: max(1, len(sample) // 100)]
     while True:
         try:
-            got = fleet.get_profiles(sample)
+            fleet.get_profiles(probe)
             break
         except ray.exceptions.RayActorError:
             time.sleep(0.05)
     seconds = time.perf_counter() - start
+    started_full = time.perf_counter()
+    got = fleet.get_profiles(sample)
+    full_read_s = time.perf_counter() - started_full
     stats = fleet.stats()[0]
     assert sum(p["n"] for p in got.values()) == expected_events, "recovered data differs"
     fleet.shutdown()
@@ -289,7 +293,10 @@ def bench_recovery(args) -> dict:
         "users": len(sample),
         "journal_rows_replayed": len(batches) - half,
         "actor_recovery_s": stats["recovery_s"],
-        "kill_to_all_reads_s": seconds,
+        # Kill to the restarted shard answering reads (every user's data is there:
+        # replayed in memory or loaded on demand); the full read-back is separate.
+        "kill_to_answering_s": seconds,
+        "read_back_all_users_s": full_read_s,
     }
 
 
