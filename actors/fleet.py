@@ -151,13 +151,17 @@ class Fleet:
                 total["errors"] += result["errors"]
             if not rerouted:
                 break
-            if time.monotonic() > deadline:
-                raise StaleEpoch("partitions kept moving while the batch was routed; retry")
             attempt += 1
-            await asyncio.sleep(min(0.5, 0.02 * attempt))
-            self.refresh()
+            await self._before_reroute(attempt, deadline, "the batch was routed")
             pending = split_by_owner(rerouted, self.owners, self.partitions)
         return total
+
+    async def _before_reroute(self, attempt: int, deadline: float, what: str) -> None:
+        """Back off briefly, then re-read the assignment; give up past the deadline."""
+        if time.monotonic() > deadline:
+            raise StaleEpoch(f"partitions kept moving while {what}; retry")
+        await asyncio.sleep(min(0.5, 0.02 * attempt))
+        self.refresh()
 
     def apply(self, batch_id: str, events) -> dict:
         return _run(self.apply_async(batch_id, events))
@@ -185,11 +189,8 @@ class Fleet:
                     merged.update(part["profiles"])
                     wanted += part["moved"]
             if wanted:
-                if time.monotonic() > deadline:
-                    raise StaleEpoch("partitions kept moving while reading; retry")
                 attempt += 1
-                await asyncio.sleep(min(0.5, 0.02 * attempt))
-                self.refresh()
+                await self._before_reroute(attempt, deadline, "reading")
         return merged
 
     def get_profiles(self, user_ids: Iterable[str]) -> dict[str, dict]:
