@@ -43,8 +43,11 @@ cassandra-stop: install
 	$(BIN)/persona cassandra stop
 
 # Benchmarks need wrk (a C load generator) and matplotlib for the scaling plot.
-bench-deps: install
+$(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[test,bench]"
+	touch $@
+
+bench-deps: $(VENV)/.bench-installed
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/persona cassandra fetch
 

@@ -48,6 +48,8 @@ class ProfileShard:
                 ("resident_profiles", "profiles held in memory"),
                 ("dirty_profiles", "profiles changed since the last checkpoint"),
                 ("pending_writes", "batches queued for this shard's journal"),
+                ("evictions", "profiles passivated under the resident cap (since start)"),
+                ("load_misses", "reads of users not resident, loaded from the store"),
             )
         }
 
@@ -56,6 +58,8 @@ class ProfileShard:
         self._gauges["resident_profiles"].set(len(self.state.profiles), tags=tags)
         self._gauges["dirty_profiles"].set(len(self.state.dirty), tags=tags)
         self._gauges["pending_writes"].set(self._pending_writes, tags=tags)
+        self._gauges["evictions"].set(self.state.totals["evicted"], tags=tags)
+        self._gauges["load_misses"].set(self.state.totals["load_misses"], tags=tags)
 
     def _ensure_ticker(self) -> None:
         if self._ticker is None or self._ticker.done():
@@ -119,6 +123,7 @@ class ProfileShard:
         missing = state.missing_users(batch.by_user)
         items = {e[1] for events in batch.by_user.values() for e in events}
         if missing:
+            state.totals["load_misses"] += len(missing)
             state.install(await asyncio.to_thread(state.fetch_profiles, missing))
         if any(i not in state.item_vectors for i in items):
             state.install_item_vectors(await asyncio.to_thread(state.fetch_item_vectors, items))
