@@ -150,6 +150,9 @@ class ProfileShard:
         if missing:
             state.totals["load_misses"] += len(missing)
             state.install(await asyncio.to_thread(state.fetch_profiles, missing))
+        # A partition handed over while the store was read is the new owner's to answer.
+        moved += [u for u in wanted if state.partition(u) not in state.owned]
+        wanted = [u for u in wanted if state.partition(u) in state.owned]
         state.touch(wanted)
         found = {u: state.profiles[u].to_record(state.rules) for u in wanted if u in state.profiles}
         await self._passivate()

@@ -207,9 +207,11 @@ class ShardState:
         return loaded
 
     def install(self, loaded: Mapping[str, Profile]) -> None:
-        """Make loaded profiles resident unless a newer copy got there first."""
+        """Make loaded profiles resident unless a newer copy got there first, or their
+        partition was handed over while they were being read (a stale copy kept here
+        would shadow the new owner's writes if the partition ever came back)."""
         for user, profile in loaded.items():
-            if user not in self.profiles:
+            if user not in self.profiles and self.partition(user) in self.owned:
                 self.profiles[user] = profile
                 self.totals["loaded"] += 1
 
