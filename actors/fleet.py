@@ -200,7 +200,16 @@ class Fleet:
         return self.shards[self.owners[partition_of(user_id, self.partitions)]]
 
     async def delete_user_async(self, user_id: str) -> bool:
-        return await self.owner_of(user_id).delete_user.remote(user_id)
+        deadline = time.monotonic() + REROUTE_SECONDS
+        attempt = 0
+        while True:
+            try:
+                return await self.owner_of(user_id).delete_user.remote(user_id)
+            except Exception as exc:  # only a moved partition is retried
+                if not _is_moved(exc):
+                    raise _unwrap(exc) from None
+            attempt += 1
+            await self._before_reroute(attempt, deadline, "deleting")
 
     def delete_user(self, user_id: str) -> bool:
         return _run(self.delete_user_async(user_id))

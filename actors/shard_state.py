@@ -370,8 +370,17 @@ class ShardState:
         return self.profiles.pop(user_id, None) is not None
 
     def journal_delete(self, user_id: str) -> int:
+        """Journal a delete, fenced like any write: only the owner may delete."""
+        partition = self.partition(user_id)
+        if partition not in self.owned:
+            raise StaleEpoch(f"{self.name} does not own partition {partition}; resend")
         seq = self.last_seq + 1
-        self.store.append_journal(self.name, seq, codec.encode({"delete": user_id}))
+        self.store.append_journal(
+            self.name,
+            seq,
+            codec.encode({"delete": user_id}),
+            fence={partition: self.owned[partition]},
+        )
         self.last_seq = seq
         return seq
 

@@ -145,3 +145,21 @@ def test_resident_cap_holds_and_every_user_reads_back_correctly(ray_session, fre
         assert stats["evicted"] >= 9_000 and stats["load_misses"] >= 9_000
     finally:
         fleet.shutdown()
+
+
+def test_delete_reaches_the_new_owner_after_a_move(fleet):
+    names = [f"persona-shard-{i}" for i in range(3)]
+    moving = {p for p, _, _ in plan_moves(fleet.owners, names)}
+    user = next(
+        f"deletee-{n}"
+        for n in range(10_000)
+        if partition_of(f"deletee-{n}", fleet.partitions) in moving
+    )
+    fleet.apply("d1", [{"user_id": user, "item_id": "a", "action": "save", "ts": time.time()}])
+    stale = Fleet.connect(fleet.settings)  # its owner map predates the move
+    fleet.scale(3)
+    # The new owner now holds the user in memory.
+    fleet.apply("d2", [{"user_id": user, "item_id": "b", "action": "view", "ts": time.time()}])
+    assert stale.delete_user(user) is True
+    assert fleet.get_profiles([user]) == {}
+    assert stale.get_profiles([user]) == {}
