@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import ray
 
@@ -31,7 +31,7 @@ from actors.routing import (
 from actors.shard import shard_actor
 from persona.errors import ConfigError, InvalidEvents, StaleEpoch
 from persona.settings import Settings
-from storage import Store, open_store
+from storage import Assignment, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,15 @@ class Fleet:
         return fleet
 
     def refresh(self) -> None:
-        self.owners = {p: a.owner for p, a in self.store.get_assignments().items()}
+        self.adopt(self.store.get_assignments())
+
+    async def refresh_async(self) -> None:
+        """refresh() with the store read off the event loop (the map changes on it)."""
+        self.adopt(await asyncio.to_thread(self.store.get_assignments))
+
+    def adopt(self, assignments: Mapping[int, Assignment]) -> None:
+        """Take a freshly read assignment: owners, and handles for the shards in it."""
+        self.owners = {p: a.owner for p, a in assignments.items()}
         for gone in set(self.shards) - set(self.owners.values()):
             del self.shards[gone]
         if len(self.owners) != self.partitions:
@@ -161,7 +169,7 @@ class Fleet:
         if time.monotonic() > deadline:
             raise StaleEpoch(f"partitions kept moving while {what}; retry")
         await asyncio.sleep(min(0.5, 0.02 * attempt))
-        self.refresh()
+        await self.refresh_async()
 
     def apply(self, batch_id: str, events) -> dict:
         return _run(self.apply_async(batch_id, events))

@@ -145,6 +145,8 @@ class Ingress:
         store_state = "ok"
         try:
             await asyncio.wait_for(asyncio.to_thread(self.store.ping), timeout=3.0)
+            # Ask the shards that own partitions now, not the ones of a scale ago.
+            await asyncio.wait_for(self.fleet.refresh_async(), timeout=3.0)
         except (PersonaError, TimeoutError) as exc:
             store_state = f"down: {exc or 'timeout'}"
 

@@ -48,6 +48,9 @@ class RecommenderCore:
     async def load_signals(self) -> None:
         if self.fleet is None:
             self.fleet = Fleet.connect(self.settings, self.store)
+        else:
+            # The shard set may have been scaled since the last pull.
+            await self.fleet.refresh_async()
         now = time.time()
         snapshots = await asyncio.gather(
             *(s.item_signals.remote(now) for s in self.fleet.shards.values())
