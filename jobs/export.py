@@ -15,14 +15,15 @@ from pathlib import Path
 from actors.profile import ProfileRules
 from jobs.common import fleet_for_job
 from persona.errors import PersonaError
+from persona.settings import Settings
 from serving.views import profile_view
 from storage import codec
 
 CHUNK = 10_000
 
 
-def run(out: Path) -> int:
-    fleet = fleet_for_job()
+def run(out: Path, settings: Settings | None = None) -> int:
+    fleet = fleet_for_job(settings)
     fleet.checkpoint()
     rules = ProfileRules.from_settings(fleet.settings)
     now = time.time()

@@ -257,3 +257,21 @@ def test_demo_once_runs_end_to_end(tmp_path):
     assert "applied 6,000" in out
     assert "Profile of user-" in out and "top interests:" in out
     assert "Recommendations for user-" in out and "/docs" in out
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_export_writes_every_profile(fleet, tmp_path, suffix):
+    from jobs import export
+
+    fleet.apply("exp", [good(n, f"exp-{n % 7}") for n in range(70)])
+    fleet.delete_user("exp-3")
+    out = tmp_path / f"profiles.{suffix}"
+    assert export.run(out, settings=fleet.settings) == 6
+    if suffix == "jsonl":
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    else:
+        rows = pq.read_table(out).to_pylist()
+    assert sorted(r["user_id"] for r in rows) == [f"exp-{n}" for n in range(7) if n != 3]
+    assert all(r["events"] == 10 for r in rows)
+    with pytest.raises(Exception, match=r"\.parquet or \.jsonl"):
+        export.run(tmp_path / "profiles.csv", settings=fleet.settings)
