@@ -121,7 +121,8 @@ class EventValidator:
             valid.append(
                 (
                     event["user_id"],
-                    event["item_id"],
+                    # Item ids repeat across many users' recent actions: one object each.
+                    intern(event["item_id"]),
                     intern(event["action"]),
                     float(event["ts"]),
                     tuple(intern(t) for t in event.get("topics", ())),
