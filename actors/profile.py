@@ -13,6 +13,7 @@ and nothing a ranking depends on overflows or underflows.
 from __future__ import annotations
 
 import math
+import sys
 from bisect import insort
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -167,7 +168,7 @@ class Profile:
         profile.events, profile.version, profile.t0 = record["n"], record["v"], record["t0"]
         profile.topics = dict(record["t"])
         profile.recent = [
-            (ts, item, rules.code(action))
+            (ts, sys.intern(item), rules.code(action))
             for ts, item, action in record["r"]
             if action in rules.actions
         ]

@@ -20,6 +20,7 @@ separate so the protocol reads top to bottom in one place:
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -180,8 +181,10 @@ class ShardState:
                 self.store.delete_profiles([row["delete"]])
             else:
                 by_user: dict[str, list] = {}
-                for event in row["events"]:
-                    by_user.setdefault(event[0], []).append(tuple(event))
+                for user, item, action, ts, topics, weight in row["events"]:
+                    by_user.setdefault(user, []).append(
+                        (user, sys.intern(item), action, ts, tuple(topics), weight)
+                    )
                 self.apply_in_memory(by_user, seq)
                 self.remember(row["batch_id"], {self.partition(u) for u in by_user})
             self.last_seq = seq
