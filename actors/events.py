@@ -146,15 +146,3 @@ def decode_msgpack_batch(body: bytes) -> Any:
         raise InvalidEvents(
             [{"index": None, "reason": f"body is not valid msgpack: {exc}"}]
         ) from exc
-
-
-def as_dict(event: ValidEvent) -> dict:
-    user, item, action, ts, topics, weight = event
-    return {
-        "user_id": user,
-        "item_id": item,
-        "action": action,
-        "ts": ts,
-        "topics": list(topics),
-        "weight": weight,
-    }

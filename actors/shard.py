@@ -190,9 +190,6 @@ class ProfileShard:
             self.state.acquire(epochs, ids)
         return len(epochs)
 
-    async def owned_partitions(self) -> dict[int, int]:
-        return dict(self.state.owned)
-
     async def item_signals(self, now: float) -> dict:
         """Trending and co-engagement snapshot decayed to ``now`` (for the recommender)."""
         return self.state.item_stats.snapshot(now)

@@ -315,7 +315,31 @@ class Ingress:
             raise ApiError(404, "unknown_user", f"no data held for user {user_id!r}")
         return Response(status_code=204)
 
-    @api.put("/v1/items", response_model=schemas.Upserted, responses=ERRORS, tags=["catalog"])
+    @api.put(
+        "/v1/items",
+        response_model=schemas.Upserted,
+        responses=ERRORS,
+        tags=["catalog"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["items"],
+                            "properties": {
+                                "items": {
+                                    "type": "array",
+                                    "items": schemas.ItemIn.model_json_schema(),
+                                }
+                            },
+                        }
+                    }
+                },
+            }
+        },
+    )
     async def put_items(self, request: Request, authorization: str | None = Header(None)) -> dict:
         started = time.perf_counter()
         self.check_token(authorization, read=False)

@@ -76,10 +76,6 @@ class ItemIn(BaseModel):
     created_at: float = 0.0
 
 
-class ItemsIn(BaseModel):
-    items: list[ItemIn]
-
-
 class ItemOut(ItemIn):
     pass
 
