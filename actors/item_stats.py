@@ -42,31 +42,36 @@ class ItemStats:
     def observe(self, events: Sequence[Sequence], previous: Sequence[tuple]) -> None:
         """Record one user's events; ``previous`` is the user's recent (ts, item, code)
         sequence before them, so pairs span batch boundaries."""
-        context = [(ts, item) for ts, item, _code in previous[-3:]]
-        ordered = events if len(events) == 1 else sorted(events, key=lambda e: e[3])
-        positive, trending, window = self.positive, self.trending, self.window_s
-        exp = math.exp
+        positive = self.positive
+        ordered = events if len(events) == 1 else sorted(events, key=_event_time)
+        # The last three engagements before each event, as (ts, item, ...) tuples.
+        context = previous[-3:]
+        trending, window, link, exp = self.trending, self.window_s, self._link, math.exp
         for event in ordered:
-            item, action, ts = event[1], event[2], event[3]
-            weight = positive.get(action)
+            weight = positive.get(event[2])
             if weight is None:
                 continue
+            item, ts = event[1], event[3]
             if self.t0 is None:
                 self.t0 = ts
             age = ts - self.t0
             if self.fastest_rate * age > REBASE_EXPONENT:
                 self._rebase(ts)
                 trending, age = self.trending, 0.0
+            exponent = self.trend_rate * age
             trending[item] = trending.get(item, 0.0) + weight * exp(
-                max(-745.0, self.trend_rate * age)
+                exponent if exponent > -745.0 else -745.0
             )
-            if context:
-                pair_weight = exp(max(-745.0, self.pair_rate * age))
-                for other_ts, other in context:
-                    if other != item and abs(ts - other_ts) <= window:
-                        self._link(item, other, pair_weight)
-                        self._link(other, item, pair_weight)
-            context = [*context[-2:], (ts, item)]
+            pair_weight = None
+            for before in context:
+                other = before[1]
+                if other != item and -window <= ts - before[0] <= window:
+                    if pair_weight is None:  # most events have no pair: skip the exp
+                        exponent = self.pair_rate * age
+                        pair_weight = exp(exponent if exponent > -745.0 else -745.0)
+                    link(item, other, pair_weight)
+                    link(other, item, pair_weight)
+            context = (*context[-2:], (ts, item))
 
     def _link(self, item: str, other: str, weight: float) -> None:
         neighbours = self.graph.get(item)
@@ -103,6 +108,10 @@ class ItemStats:
                 for i, nb in self.graph.items()
             },
         }
+
+
+def _event_time(event: Sequence) -> float:
+    return event[3]
 
 
 def merge_snapshots(snapshots: Iterable[dict]) -> dict:
