@@ -144,15 +144,15 @@ class ProfileShard:
         this shard does not own (the caller re-reads the assignment and asks again)}``."""
         self._ensure_ticker()
         state = self.state
-        moved = [u for u in user_ids if state.partition(u) not in state.owned]
-        wanted = [u for u in user_ids if state.partition(u) in state.owned]
-        missing = state.missing_users(wanted)
+        partition = {u: state.partition(u) for u in user_ids}
+        missing = state.missing_users(u for u in user_ids if partition[u] in state.owned)
         if missing:
             state.totals["load_misses"] += len(missing)
             state.install(await asyncio.to_thread(state.fetch_profiles, missing))
-        # A partition handed over while the store was read is the new owner's to answer.
-        moved += [u for u in wanted if state.partition(u) not in state.owned]
-        wanted = [u for u in wanted if state.partition(u) in state.owned]
+        # Ownership is read after the load: a partition handed over while the store was
+        # read is the new owner's to answer.
+        moved = [u for u in user_ids if partition[u] not in state.owned]
+        wanted = [u for u in user_ids if partition[u] in state.owned]
         state.touch(wanted)
         found = {u: state.profiles[u].to_record(state.rules) for u in wanted if u in state.profiles}
         await self._passivate()

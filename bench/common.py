@@ -37,6 +37,16 @@ def store_url(kind: str, settings) -> tuple[str, str | None]:
     return f"sqlite:///{tempfile.mkdtemp()}/bench.db", None
 
 
+def bench_settings(kind: str, **overrides):
+    """Settings for one benchmark fleet: a fresh store of ``kind``, its own namespace,
+    no periodic checkpoints; returns (settings, keyspace to drop or None)."""
+    from persona.settings import load_settings
+
+    url, keyspace = store_url(kind, load_settings())
+    defaults = {"namespace": f"bench-{uuid.uuid4().hex[:6]}", "checkpoint_interval_s": 3600}
+    return load_settings(store_url=url, **{**defaults, **overrides}), keyspace
+
+
 def drop(store, keyspace: str | None) -> None:
     if keyspace:
         store._session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")

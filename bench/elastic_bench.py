@@ -17,11 +17,9 @@ import statistics
 import sys
 import threading
 import time
-import uuid
 
 from actors.routing import partition_of
-from bench.common import as_dicts, drop, start_local_ray, store_url, synthetic_events
-from persona.settings import load_settings
+from bench.common import as_dicts, bench_settings, drop, start_local_ray, synthetic_events
 from storage import open_store
 
 
@@ -41,15 +39,7 @@ def _fleet(settings):
 
 
 def move_one_partition(kind: str, users: int) -> dict:
-    base = load_settings()
-    url, keyspace = store_url(kind, base)
-    settings = load_settings(
-        store_url=url,
-        namespace=f"eb-{uuid.uuid4().hex[:6]}",
-        partitions=64,
-        shards=2,
-        checkpoint_interval_s=3600,
-    )
+    settings, keyspace = bench_settings(kind, partitions=64, shards=2)
     fleet = _fleet(settings)
     ids, n = [], 0
     while len(ids) < users:
@@ -87,11 +77,7 @@ def move_one_partition(kind: str, users: int) -> dict:
 
 
 def reads_during_scale_out(kind: str, users: int) -> dict:
-    base = load_settings()
-    url, keyspace = store_url(kind, base)
-    settings = load_settings(
-        store_url=url, namespace=f"eb-{uuid.uuid4().hex[:6]}", shards=2, checkpoint_interval_s=3600
-    )
+    settings, keyspace = bench_settings(kind, shards=2)
     fleet = _fleet(settings)
     events = as_dicts(synthetic_events(users * 2, users, seed=4))
     for at in range(0, len(events), 10_000):
@@ -134,11 +120,7 @@ def reads_during_scale_out(kind: str, users: int) -> dict:
 def cold_vs_resident(kind: str, users: int) -> dict:
     import ray
 
-    base = load_settings()
-    url, keyspace = store_url(kind, base)
-    settings = load_settings(
-        store_url=url, namespace=f"eb-{uuid.uuid4().hex[:6]}", shards=1, checkpoint_interval_s=3600
-    )
+    settings, keyspace = bench_settings(kind, shards=1)
     fleet = _fleet(settings)
     events = as_dicts(synthetic_events(users * 2, users, seed=6))
     for at in range(0, len(events), 10_000):
@@ -173,15 +155,7 @@ def cold_vs_resident(kind: str, users: int) -> dict:
 def ingest_under_cap(kind: str, users: int, cap: int) -> dict:
     import asyncio
 
-    base = load_settings()
-    url, keyspace = store_url(kind, base)
-    settings = load_settings(
-        store_url=url,
-        namespace=f"eb-{uuid.uuid4().hex[:6]}",
-        shards=2,
-        checkpoint_interval_s=3600,
-        max_resident_profiles=cap,
-    )
+    settings, keyspace = bench_settings(kind, shards=2, max_resident_profiles=cap)
     fleet = _fleet(settings)
     events = as_dicts(synthetic_events(users, users, seed=7))
 

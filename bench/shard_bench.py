@@ -21,12 +21,19 @@ import random
 import resource
 import sys
 import time
-import uuid
 from collections import defaultdict
 
 from actors.profile import Profile, ProfileRules
 from actors.shard_state import ShardState
-from bench.common import T0, as_dicts, drop, start_local_ray, store_url, synthetic_events
+from bench.common import (
+    T0,
+    as_dicts,
+    bench_settings,
+    drop,
+    start_local_ray,
+    store_url,
+    synthetic_events,
+)
 from persona.settings import load_settings
 from storage import open_store
 
@@ -99,14 +106,8 @@ def bench_ingest(args) -> dict:
 
     from actors.fleet import Fleet
 
-    base = load_settings()
-    url, keyspace = store_url(args.store, base)
-    settings = load_settings(
-        store_url=url,
-        namespace=f"bench-{uuid.uuid4().hex[:6]}",
-        shards=args.shards,
-        checkpoint_interval_s=3600,
-        checkpoint_dirty_threshold=10**9,
+    settings, keyspace = bench_settings(
+        args.store, shards=args.shards, checkpoint_dirty_threshold=10**9
     )
     start_local_ray(settings.namespace)
     fleet = Fleet.start(settings)
@@ -247,15 +248,7 @@ def bench_recovery(args) -> dict:
 
     from actors.fleet import Fleet
 
-    base = load_settings()
-    url, keyspace = store_url(args.store, base)
-    settings = load_settings(
-        store_url=url,
-        namespace=f"bench-{uuid.uuid4().hex[:6]}",
-        shards=1,
-        checkpoint_interval_s=3600,
-        checkpoint_dirty_threshold=10**9,
-    )
+    settings, keyspace = bench_settings(args.store, shards=1, checkpoint_dirty_threshold=10**9)
     start_local_ray(settings.namespace)
     fleet = Fleet.start(settings)
     events = as_dicts(synthetic_events(args.users * 3, args.users, seed=5))
