@@ -12,11 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from persona.settings import Settings
 
 REBASE_EXPONENT = 200.0
 # Items kept in a snapshot's trending list (the long tail adds nothing to rankings).
 SNAPSHOT_TRENDING = 5_000
+# Column-wise updates are buffered and folded into the dicts past this many entries.
+PENDING_LIMIT = 500_000
 
 
 class ItemStats:
@@ -31,8 +35,15 @@ class ItemStats:
         self.t0: float | None = None
         self.trending: dict[str, float] = {}
         self.graph: dict[str, dict[str, float]] = {}
+        # Buffered column-wise updates (item ids into ``_names``), relative to self.t0.
+        self._names: list[str] = []
+        self._pending_trend: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending = 0
+        self._code_weights: np.ndarray | None = None
 
     def _rebase(self, ts: float) -> None:
+        self.flush()
         trend = math.exp(-self.trend_rate * (ts - self.t0))
         pair = math.exp(-self.pair_rate * (ts - self.t0))
         self.trending = {i: s * trend for i, s in self.trending.items()}
@@ -73,6 +84,121 @@ class ItemStats:
                     link(other, item, pair_weight)
             context = (*context[-2:], (ts, item))
 
+    def code_weights(self, rules) -> np.ndarray:
+        """Engagement weight per action code (0 for actions that are not engagement)."""
+        if self._code_weights is None:
+            self._code_weights = np.array(
+                [self.positive.get(a, 0.0) for a in rules.actions], dtype=np.float64
+            )
+        return self._code_weights
+
+    def observe_columns(
+        self,
+        users: np.ndarray,
+        items: np.ndarray,
+        ts: np.ndarray,
+        weights: np.ndarray,
+        context_ts: np.ndarray,
+        context_items: np.ndarray,
+        names: list[str],
+    ) -> None:
+        """``observe`` for a whole batch of engagements at once.
+
+        ``users`` index rows of ``context_ts``/``context_items``: each user's last
+        entries before the batch, oldest first (item id 0 is an empty entry). Items are ids
+        into ``names``. Same pairs as ``observe``: each engagement, in time order per
+        user, is linked to the three entries before it within the window."""
+        self._names = names
+        if self.t0 is None:
+            self.t0 = float(ts[0])
+        newest = float(ts.max())
+        if self.fastest_rate * (newest - self.t0) > REBASE_EXPONENT:
+            self._rebase(newest)
+        age = ts - self.t0
+        trend = weights * np.exp(np.maximum(self.trend_rate * age, -745.0))
+        self._pending_trend.append((items, trend))
+        sources, targets, ages = [], [], []
+        single = np.bincount(users)[users] == 1
+        one = np.flatnonzero(single)
+        if len(one):  # one engagement in the batch: it pairs with each context entry
+            user, item, at = users[one], items[one], ts[one]
+            for k in range(context_ts.shape[1]):
+                other_ts, other = context_ts[user, k], context_items[user, k]
+                linked = (other > 0) & (other != item)  # item id 0: an empty entry
+                linked &= np.abs(at - other_ts) <= self.window_s
+                sources.append(item[linked])
+                targets.append(other[linked])
+                ages.append(age[one[linked]])
+        many = np.flatnonzero(~single)
+        if len(many):
+            self._pairs_in_sequence(
+                users[many], items[many], ts[many], age[many], context_ts, context_items,
+                sources, targets, ages,
+            )  # fmt: skip
+        source, target = np.concatenate(sources), np.concatenate(targets)
+        if len(source):
+            pair = np.exp(np.maximum(self.pair_rate * np.concatenate(ages), -745.0))
+            self._pending_pairs.append((source, target, pair))
+            self._pending_pairs.append((target, source, pair))
+        self._pending += len(items) + 2 * len(source)
+        if self._pending > PENDING_LIMIT:
+            self.flush()
+
+    def _pairs_in_sequence(
+        self, users, items, ts, age, context_ts, context_items, sources, targets, ages
+    ) -> None:
+        """Pairs for users with several engagements: their context, then their
+        engagements by time, each linked to the three entries before it."""
+        touched = np.unique(users)
+        width = context_ts.shape[1]
+        context = np.flatnonzero(context_items[touched].ravel() > 0)
+        seq_user = np.concatenate([touched[context // width], users])
+        seq_event = np.r_[np.zeros(len(context), dtype=bool), np.ones(len(users), dtype=bool)]
+        seq_ts = np.concatenate([context_ts[touched].ravel()[context], ts])
+        seq_item = np.concatenate([context_items[touched].ravel()[context], items])
+        seq_age = np.concatenate([np.zeros(len(context)), age])
+        order = np.lexsort((seq_ts, seq_event, seq_user))
+        seq_user, seq_event = seq_user[order], seq_event[order]
+        seq_ts, seq_item, seq_age = seq_ts[order], seq_item[order], seq_age[order]
+        for lag in (1, 2, 3):
+            here = np.arange(lag, len(order))
+            there = here - lag
+            linked = (
+                seq_event[here]
+                & (seq_user[here] == seq_user[there])
+                & (seq_item[here] != seq_item[there])
+                & (np.abs(seq_ts[here] - seq_ts[there]) <= self.window_s)
+            )
+            sources.append(seq_item[here[linked]])
+            targets.append(seq_item[there[linked]])
+            ages.append(seq_age[here[linked]])
+
+    def flush(self) -> None:
+        """Fold buffered column-wise updates into the trending dict and the graph."""
+        if not self._pending:
+            return
+        names = self._names
+        if self._pending_trend:
+            items = np.concatenate([i for i, _ in self._pending_trend])
+            amounts = np.concatenate([a for _, a in self._pending_trend])
+            unique, inverse = np.unique(items, return_inverse=True)
+            sums = np.bincount(inverse.ravel(), weights=amounts, minlength=len(unique))
+            trending = self.trending
+            for item, amount in zip(unique.tolist(), sums.tolist(), strict=True):
+                name = names[item]
+                trending[name] = trending.get(name, 0.0) + amount
+        if self._pending_pairs:
+            keys = np.concatenate(
+                [(s.astype(np.int64) << 32) | t.astype(np.int64) for s, t, _ in self._pending_pairs]
+            )
+            amounts = np.concatenate([w for _, _, w in self._pending_pairs])
+            unique, inverse = np.unique(keys, return_inverse=True)
+            sums = np.bincount(inverse.ravel(), weights=amounts, minlength=len(unique))
+            link = self._link
+            for key, amount in zip(unique.tolist(), sums.tolist(), strict=True):
+                link(names[key >> 32], names[key & 0xFFFFFFFF], amount)
+        self._pending_trend, self._pending_pairs, self._pending = [], [], 0
+
     def _link(self, item: str, other: str, weight: float) -> None:
         neighbours = self.graph.get(item)
         if neighbours is None:
@@ -85,6 +211,7 @@ class ItemStats:
 
     def state(self) -> dict:
         """Everything needed to restore (persisted with the shard's checkpoint)."""
+        self.flush()
         return {"t0": self.t0, "trending": self.trending, "graph": self.graph}
 
     def restore(self, state: dict | None) -> None:
@@ -93,6 +220,7 @@ class ItemStats:
 
     def snapshot(self, now: float) -> dict:
         """Trending (top items) and top-M neighbours, decayed to ``now``."""
+        self.flush()
         if self.t0 is None:
             return {"trending": {}, "graph": {}}
         trend = math.exp(max(-745.0, -self.trend_rate * (now - self.t0)))

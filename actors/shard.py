@@ -55,8 +55,8 @@ class ProfileShard:
 
     def _report(self) -> None:
         tags = {"shard": self.state.name}
-        self._gauges["resident_profiles"].set(len(self.state.profiles), tags=tags)
-        self._gauges["dirty_profiles"].set(len(self.state.dirty), tags=tags)
+        self._gauges["resident_profiles"].set(len(self.state.table), tags=tags)
+        self._gauges["dirty_profiles"].set(self.state.table.dirty_count(), tags=tags)
         self._gauges["pending_writes"].set(self._pending_writes, tags=tags)
         self._gauges["evictions"].set(self.state.totals["evicted"], tags=tags)
         self._gauges["load_misses"].set(self.state.totals["load_misses"], tags=tags)
@@ -72,9 +72,8 @@ class ProfileShard:
             self._report()
             state = self.state
             due = time.monotonic() - state.last_checkpoint_at >= self.settings.checkpoint_interval_s
-            if state.dirty and (
-                due or len(state.dirty) >= self.settings.checkpoint_dirty_threshold
-            ):
+            dirty = state.table.dirty_count()
+            if dirty and (due or dirty >= self.settings.checkpoint_dirty_threshold):
                 try:
                     await self.checkpoint()
                     self._checkpoint_failures = 0
@@ -114,14 +113,14 @@ class ProfileShard:
                 ack = self.state.commit(prepared)
                 break
         await self._passivate()
-        if len(self.state.dirty) >= self.settings.checkpoint_dirty_threshold:
+        if self.state.table.dirty_count() >= self.settings.checkpoint_dirty_threshold:
             asyncio.get_running_loop().create_task(self._checkpoint_quietly())
         return ack.as_dict()
 
     async def _load_for(self, batch: PreparedBatch) -> None:
         state = self.state
-        missing = state.missing_users(batch.by_user)
-        items = {e[1] for events in batch.by_user.values() for e in events}
+        missing = state.missing_users(batch.users)
+        items = {e[1] for e in batch.events}
         if missing:
             state.totals["load_misses"] += len(missing)
             state.install(await asyncio.to_thread(state.fetch_profiles, missing))
@@ -154,7 +153,7 @@ class ProfileShard:
         moved = [u for u in user_ids if partition[u] not in state.owned]
         wanted = [u for u in user_ids if partition[u] in state.owned]
         state.touch(wanted)
-        found = {u: state.profiles[u].to_record(state.rules) for u in wanted if u in state.profiles}
+        found = {u: r for u in wanted if (r := state.table.record(u)) is not None}
         await self._passivate()
         return {"profiles": found, "moved": moved}
 
@@ -221,7 +220,7 @@ class ProfileShard:
                     await asyncio.to_thread(state.store.put_profiles, encoded)
                 await asyncio.to_thread(state.finish_checkpoint, seq, meta)
             except BaseException:
-                state.dirty.update(u for u in users if u in state.profiles)
+                state.table.mark_dirty(users)
                 raise
             return {
                 "shard": state.name,

@@ -20,7 +20,6 @@ separate so the protocol reads top to bottom in one place:
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,7 +30,8 @@ import numpy as np
 from actors.catalog import decode_item, item_vector
 from actors.events import EventValidator, ValidEvent
 from actors.item_stats import ItemStats
-from actors.profile import Profile, ProfileRules, apply_events
+from actors.profile import Profile, ProfileRules
+from actors.profile_table import ProfileTable
 from actors.routing import partition_of
 from persona.errors import CorruptRecord, JournalConflict, StaleEpoch
 from persona.settings import Settings
@@ -61,11 +61,13 @@ class Ack:
 
 @dataclass
 class PreparedBatch:
-    """A batch ready to be journaled: new events grouped by user, and its row blob."""
+    """A batch ready to be journaled: its new events (batch order), their users, and
+    its row blob."""
 
     batch_id: str
     seq: int
-    by_user: dict[str, list[ValidEvent]]
+    events: list[ValidEvent]
+    users: list[str]
     partitions: list[int]
     blob: bytes
     fence: dict[int, int]
@@ -80,9 +82,8 @@ class ShardState:
         self.partitions = partitions
         self.rules = ProfileRules.from_settings(settings)
         self.validator = EventValidator(self.rules.actions, settings.max_future_seconds)
-        # Least recently used first: the order passivation evicts in.
-        self.profiles: OrderedDict[str, Profile] = OrderedDict()
-        self.dirty: set[str] = set()
+        # Resident profiles, column-wise; also tracks dirty rows and recency (LRU).
+        self.table = ProfileTable(self.rules)
         # Per partition, so that a partition's memory of applied batches moves with it.
         self.batch_ids: dict[int, OrderedDict[str, None]] = {}
         self.owned: dict[int, int] = {}
@@ -117,7 +118,7 @@ class ShardState:
     def forget_partitions(self, partitions: Iterable[int]) -> int:
         """Drop the users of partitions (after a checkpoint wrote them)."""
         partitions = set(partitions)
-        gone = [u for u in self.profiles if self.partition(u) in partitions]
+        gone = [u for u in self.table if self.partition(u) in partitions]
         for user in gone:
             self.forget_user(user)
         return len(gone)
@@ -180,19 +181,16 @@ class ShardState:
                 self.forget_user(row["delete"])
                 self.store.delete_profiles([row["delete"]])
             else:
-                by_user: dict[str, list] = {}
-                for user, item, action, ts, topics, weight in row["events"]:
-                    by_user.setdefault(user, []).append(
-                        (user, sys.intern(item), action, ts, tuple(topics), weight)
-                    )
-                self.apply_in_memory(by_user, seq)
-                self.remember(row["batch_id"], {self.partition(u) for u in by_user})
+                events = row["events"]
+                self.apply_in_memory(events, seq)
+                self.remember(row["batch_id"], {self.partition(e[0]) for e in events})
             self.last_seq = seq
         return len(rows)
 
     # --- loading ---
     def missing_users(self, user_ids: Iterable[str]) -> list[str]:
-        return [u for u in user_ids if u not in self.profiles]
+        table = self.table
+        return [u for u in user_ids if u not in table]
 
     def fetch_profiles(self, user_ids: list[str]) -> dict[str, Profile]:
         """Read and decode users from the store (blocking I/O, no memory changes)."""
@@ -214,8 +212,8 @@ class ShardState:
         partition was handed over while they were being read (a stale copy kept here
         would shadow the new owner's writes if the partition ever came back)."""
         for user, profile in loaded.items():
-            if user not in self.profiles and self.partition(user) in self.owned:
-                self.profiles[user] = profile
+            if user not in self.table and self.partition(user) in self.owned:
+                self.table.put(profile)
                 self.totals["loaded"] += 1
 
     def load_missing(self, user_ids: Iterable[str]) -> None:
@@ -223,9 +221,7 @@ class ShardState:
 
     def touch(self, user_ids: Iterable[str]) -> None:
         """Mark users as recently used (they move to the back of the eviction order)."""
-        for user in user_ids:
-            if user in self.profiles:
-                self.profiles.move_to_end(user)
+        self.table.touch(user_ids)
 
     def fetch_item_vectors(self, item_ids: Iterable[str]) -> dict[str, np.ndarray | None]:
         unknown = [i for i in set(item_ids) if i not in self.item_vectors]
@@ -261,10 +257,9 @@ class ShardState:
         else:
             valid, errors = self.validator.validate(events)
         self.totals["rejected"] += len(errors)
-        by_user: dict[str, list[ValidEvent]] = {}
-        for event in valid:
-            by_user.setdefault(event[0], []).append(event)
-        partition_of_user = {user: self.partition(user) for user in by_user}
+        partition_of_user = {user: 0 for user, *_ in valid}
+        for user in partition_of_user:
+            partition_of_user[user] = self.partition(user)
         not_owned = {p for p in partition_of_user.values() if p not in self.owned}
         if not_owned:
             raise StaleEpoch(
@@ -274,18 +269,19 @@ class ShardState:
         seen = {p for p in set(partition_of_user.values()) if batch_id in self.batch_ids.get(p, ())}
         duplicate = 0
         if seen:
-            for user in [u for u, p in partition_of_user.items() if p in seen]:
-                duplicate += len(by_user.pop(user))
+            fresh = [e for e in valid if partition_of_user[e[0]] not in seen]
+            duplicate = len(valid) - len(fresh)
+            valid = fresh
             self.totals["duplicate"] += duplicate
-        applied = sum(len(e) for e in by_user.values())
-        ack = Ack(applied=applied, duplicate=duplicate, rejected=len(errors), errors=errors)
-        if not by_user:
+            partition_of_user = {u: p for u, p in partition_of_user.items() if p not in seen}
+        ack = Ack(applied=len(valid), duplicate=duplicate, rejected=len(errors), errors=errors)
+        if not valid:
             return ack
-        partitions = sorted({partition_of_user[u] for u in by_user})
+        partitions = sorted(set(partition_of_user.values()))
         fence = {p: self.owned[p] for p in partitions}
-        new_events = [e for events in by_user.values() for e in events]
-        blob = codec.encode({"batch_id": batch_id, "events": new_events})
-        return PreparedBatch(batch_id, self.last_seq + 1, by_user, partitions, blob, fence, ack)
+        blob = codec.encode({"batch_id": batch_id, "events": valid})
+        seq, users = self.last_seq + 1, list(partition_of_user)
+        return PreparedBatch(batch_id, seq, valid, users, partitions, blob, fence, ack)
 
     def append(self, batch: PreparedBatch) -> None:
         """Write-ahead: the journal row must be durable before anything is applied.
@@ -301,28 +297,19 @@ class ShardState:
                 return
             raise
 
-    def apply_in_memory(self, by_user: Mapping[str, Sequence[ValidEvent]], seq: int) -> int:
-        """Apply grouped events at journal position seq; skip users already past it."""
-        applied = 0
-        vectors = self.item_vectors or None
-        profiles = self.profiles
-        for user, events in by_user.items():
-            profile = profiles.get(user)
-            if profile is None:
-                profile = profiles[user] = Profile(user, len(self.rules.actions))
-            else:
-                if profile.journal == self.name and profile.position >= seq:
-                    continue
-                profiles.move_to_end(user)
-            self.item_stats.observe(events, profile.recent)
-            apply_events(profile, events, self.rules, embeddings=vectors)
-            profile.journal, profile.position = self.name, seq
-            self.dirty.add(user)
-            applied += len(events)
-        return applied
+    def apply_in_memory(self, events: Sequence[Sequence], seq: int) -> int:
+        """Apply events (batch order) at journal position seq; users already past it
+        (a replayed row they hold) are skipped. Applied rows become dirty."""
+        return self.table.apply(
+            events,
+            seq,
+            self.name,
+            stats=self.item_stats,
+            embeddings=self.item_vectors or None,
+        )
 
     def commit(self, batch: PreparedBatch) -> Ack:
-        self.apply_in_memory(batch.by_user, batch.seq)
+        self.apply_in_memory(batch.events, batch.seq)
         self.remember(batch.batch_id, batch.partitions)
         self.last_seq = batch.seq
         self.totals["applied"] += batch.ack.applied
@@ -333,44 +320,34 @@ class ShardState:
         """Least recently used users beyond the cap (with 5% slack, so eviction runs in
         batches rather than on every call)."""
         cap = self.settings.max_resident_profiles
-        if not cap or len(self.profiles) <= cap:
+        if not cap or len(self.table) <= cap:
             return []
-        target = int(cap * 0.95)
-        count = len(self.profiles) - target
-        victims = []
-        for user in self.profiles:
-            victims.append(user)
-            if len(victims) >= count:
-                break
-        return victims
+        return self.table.least_recent(len(self.table) - int(cap * 0.95))
 
     def encode_for_eviction(self, users: Iterable[str]) -> tuple[dict[str, bytes], dict[str, int]]:
         """Blobs of the dirty users among ``users`` and the journal position each had."""
-        dirty = [u for u in users if u in self.dirty]
-        positions = {u: self.profiles[u].position for u in dirty if u in self.profiles}
+        table = self.table
+        positions = {u: table.position_of(u) for u in users if table.is_dirty(u)}
         return self.encode_profiles(positions), positions
 
     def evict(self, users: Iterable[str], written: Mapping[str, int]) -> int:
         """Drop users that are clean, or whose state was written and has not changed
         since (an event applied meanwhile keeps the user resident and dirty)."""
         evicted = 0
+        table = self.table
         for user in users:
-            profile = self.profiles.get(user)
-            if profile is None:
+            if user not in table:
                 continue
-            if user in self.dirty:
-                if written.get(user) != profile.position:
-                    continue
-                self.dirty.discard(user)
-            del self.profiles[user]
+            if table.is_dirty(user) and written.get(user) != table.position_of(user):
+                continue
+            table.remove(user)
             evicted += 1
         self.totals["evicted"] += evicted
         return evicted
 
     # --- deleting ---
     def forget_user(self, user_id: str) -> bool:
-        self.dirty.discard(user_id)
-        return self.profiles.pop(user_id, None) is not None
+        return self.table.remove(user_id)
 
     def journal_delete(self, user_id: str) -> int:
         """Journal a delete, fenced like any write: only the owner may delete."""
@@ -392,15 +369,14 @@ class ShardState:
         """Swap out the dirty set; everything journaled up to the returned position
         is in memory, every profile it touched is in the returned list, and the
         returned meta (batch ids, item signals) is as of that same position."""
-        users, self.dirty = list(self.dirty), set()
-        return self.last_seq, users, self.checkpoint_meta()
+        return self.last_seq, self.table.take_dirty(), self.checkpoint_meta()
 
     def encode_profiles(self, users: Iterable[str]) -> dict[str, bytes]:
         encoded = {}
         for user in users:
-            profile = self.profiles.get(user)
-            if profile is not None:  # deleted since it was dirtied
-                encoded[user] = codec.encode(profile.to_record(self.rules))
+            record = self.table.record(user)
+            if record is not None:  # deleted since it was dirtied
+                encoded[user] = codec.encode(record)
         return encoded
 
     def checkpoint_meta(self) -> bytes:
@@ -421,8 +397,8 @@ class ShardState:
     def stats(self) -> dict:
         return {
             "name": self.name,
-            "resident": len(self.profiles),
-            "dirty": len(self.dirty),
+            "resident": len(self.table),
+            "dirty": self.table.dirty_count(),
             "last_seq": self.last_seq,
             "checkpoint_seq": self.checkpoint_seq,
             "partitions_owned": len(self.owned),

@@ -23,7 +23,10 @@ import sys
 import time
 from collections import defaultdict
 
-from actors.profile import Profile, ProfileRules
+import numpy as np
+
+from actors.profile import ProfileRules
+from actors.profile_table import ProfileTable
 from actors.shard_state import ShardState
 from bench.common import (
     T0,
@@ -53,21 +56,18 @@ def naive_apply(state: dict, events: list[tuple]) -> None:
 
 
 def bench_apply(args) -> dict:
+    """Steady state: every user already resident, batches of mostly distinct users."""
     settings = load_settings()
     state = ShardState("bench", open_store("sqlite:///:memory:"), settings, 256)
     batches = [synthetic_events(args.events, args.users, seed=n) for n in range(args.batches)]
-    # Warm: every user resident, as in steady state.
+    everyone = [(f"user-{n}", "item-0", "view", T0, (), 1.0) for n in range(args.users)]
+    state.apply_in_memory(everyone, 1)
     for n, batch in enumerate(batches[:5]):
-        state.apply_in_memory(_group(batch), n + 1)
-    apply_s = group_s = 0.0
+        state.apply_in_memory(batch, n + 2)
+    start = time.perf_counter()
     for n, batch in enumerate(batches):
-        start = time.perf_counter()
-        grouped = _group(batch)
-        mid = time.perf_counter()
-        state.apply_in_memory(grouped, 100 + n)
-        end = time.perf_counter()
-        group_s += mid - start
-        apply_s += end - mid
+        state.apply_in_memory(batch, 100 + n)
+    apply_s = time.perf_counter() - start
     dict_batches = [as_dicts(b) for b in batches[:10]]
     start = time.perf_counter()
     for batch in dict_batches:
@@ -79,23 +79,48 @@ def bench_apply(args) -> dict:
         naive_apply(naive, batch)
     naive_s = time.perf_counter() - start
     total = args.events * len(batches)
+    lookups = id_lookups(batches)
     return {
         "bench": "apply",
         "events": total,
         "users": args.users,
         "apply_events_per_s": total / apply_s,
-        "group_and_apply_events_per_s": total / (apply_s + group_s),
         "validate_events_per_s": total / validate_s,
-        "validate_group_apply_events_per_s": total / (apply_s + group_s + validate_s),
+        "validate_and_apply_events_per_s": total / (apply_s + validate_s),
         "naive_dict_events_per_s": total / naive_s,
+        # The floor of any per-event work here: resolving the event's string ids
+        # (user, item, each topic) to numbers, one dict lookup each.
+        "id_lookups_per_event": lookups[0],
+        "id_lookup_ns": lookups[1],
     }
 
 
-def _group(events: list[tuple]) -> dict[str, list[tuple]]:
-    by_user: dict[str, list[tuple]] = {}
-    for event in events:
-        by_user.setdefault(event[0], []).append(event)
-    return by_user
+def id_lookups(batches: list[list[tuple]]) -> tuple[float, float]:
+    """(string ids per event, ns per dict lookup) over the batches, against dicts of
+    every user, item and topic, as the shard holds them."""
+    users, items, topics = {}, {}, {}
+    for batch in batches:
+        for user, item, _a, _ts, event_topics, _w in batch:
+            users.setdefault(user, len(users))
+            items.setdefault(item, len(items))
+            for topic in event_topics:
+                topics.setdefault(topic, len(topics))
+    fresh = [[tuple(e) for e in _unpickled(b)] for b in batches]
+    lookups = sum(2 + len(e[4]) for b in fresh for e in b)
+    start = time.perf_counter()
+    for batch in fresh:
+        [users.get(e[0]) for e in batch]
+        [items.get(e[1]) for e in batch]
+        [topics.get(t) for e in batch for t in e[4]]
+    seconds = time.perf_counter() - start
+    return lookups / sum(map(len, fresh)), seconds / lookups * 1e9
+
+
+def _unpickled(batch: list[tuple]) -> list[tuple]:
+    """The batch as a shard receives it: new string objects (hashes not cached yet)."""
+    import pickle
+
+    return pickle.loads(pickle.dumps(batch))
 
 
 # --- end-to-end ingest ---------------------------------------------------------------
@@ -207,7 +232,7 @@ def populated_state(name: str, store, settings, users: int) -> ShardState:
     state = ShardState(name, store, settings, 256)
     events = synthetic_events(users * 5, users, seed=3)
     for at in range(0, len(events), 100_000):
-        state.apply_in_memory(_group(events[at : at + 100_000]), 1)
+        state.apply_in_memory(events[at : at + 100_000], 1 + at // 100_000)
     return state
 
 
@@ -302,32 +327,56 @@ def rss_bytes() -> int:
 
 
 def bench_memory(args) -> dict:
+    """Resident bytes per profile of 20 topics and 50 recent actions: the profile
+    table as shards hold it, and (for 100k users) one Profile object per user as the
+    first version held them."""
     settings = load_settings()
     rules = ProfileRules.from_settings(settings)
-    items = [f"item-{i}" for i in range(100_000)]
-    topics = [f"topic-{t}" for t in range(500)]
-    rng = random.Random(9)
+    rng = np.random.default_rng(9)
     gc.collect()
     before = rss_bytes()
-    profiles = {}
-    for n in range(args.users):
-        user = f"user-{n}"
-        profile = Profile(user, len(rules.actions))
-        profile.t0 = T0
-        profile.first_seen, profile.last_seen, profile.events = T0, T0 + n, 50
-        profile.topics = {topics[rng.randrange(500)]: rng.random() for _ in range(20)}
-        profile.recent = [(T0 + k, items[rng.randrange(100_000)], 0) for k in range(50)]
-        profile.counts[0] = 50
-        profiles[user] = profile
+    table = ProfileTable(rules)
+    for at in range(0, args.users, 100_000):
+        _fill_rows(table, range(at, min(args.users, at + 100_000)), rng)
     gc.collect()
     after = rss_bytes()
+    objects = min(args.users, 100_000)
+    before_objects = rss_bytes()
+    kept = [table.get(f"user-{n}") for n in range(objects)]
+    gc.collect()
+    object_bytes = (rss_bytes() - before_objects) / objects
+    del kept
     return {
         "bench": "memory",
         "users": args.users,
         "topics_per_user": 20,
         "recent_per_user": 50,
         "bytes_per_profile": (after - before) / args.users,
+        "dense_row_bytes": table.nbytes() / table.capacity,
+        "object_model_bytes_per_profile": object_bytes,
     }
+
+
+def _fill_rows(table: ProfileTable, numbers: range, rng) -> None:
+    """Profiles of 20 topics (of 500) and 50 recent actions (of 100k items), written
+    straight into the table's arrays: building them event by event takes minutes."""
+    count = len(numbers)
+    rows = table._rows_for([f"user-{n}" for n in numbers])
+    if len(table.topics) < 500:
+        table.topics.encode([f"topic-{t}" for t in range(500)])
+        table.items.encode([f"item-{i}" for i in range(100_000)])
+    table.events[rows] = table.counts[rows, 0] = 50
+    table.version[rows] = 1
+    table.t0[rows] = table.first_seen[rows] = T0
+    table.last_seen[rows] = T0 + 50
+    table.n_topics[rows] = 20
+    table.topic_ids[rows, :20] = 1 + np.argsort(rng.random((count, 500)), axis=1)[:, :20]
+    table.topic_scores[rows, :20] = rng.random((count, 20))
+    table.n_recent[rows] = 50
+    table.recent_ts[rows, :50] = T0 + np.arange(50)
+    table.recent_item[rows, :50] = rng.integers(1, 100_001, (count, 50))
+    table.recent_code[rows, :50] = 0
+    table.dirty[rows] = True
 
 
 def main() -> None:

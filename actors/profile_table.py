@@ -1,0 +1,605 @@
+"""A shard's resident profiles held column-wise in numpy arrays, updated a batch at a time.
+
+Why arrays: with one ``Profile`` object per user, every event costs a few
+microseconds of Python (dict and tuple churn) and every profile several
+kilobytes of object headers. Here each user is a row: counters, scalars, a bag of
+top-K topic slots and a bag of the N most recent actions, so a batch is applied
+with a handful of vectorised operations over all its events and a profile costs
+about ``N*13 + K*12`` bytes.
+
+The semantics are exactly those of ``apply_events`` (the reference model in
+actors/profile.py), which stays the specification: rows whose update the fast path
+cannot reproduce exactly (a rebase, more distinct topics than K slots, a tie on
+event time at the edge of a full recent bag) are materialised as a ``Profile``,
+updated by the reference code and written back. tests/test_profile_table.py
+checks the two agree on random batches.
+
+Bags, not sorted lists: the reference keeps recent actions sorted and drops the
+oldest past N, i.e. it keeps the N largest (ts, item, action) entries. A bag of N
+slots where a new entry replaces the smallest one keeps the same set without
+shifting anything; order is restored when a profile is read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from actors.profile import HIDE, REBASE_EXPONENT, Profile, ProfileRules, apply_events
+
+# The exponent floor every reference computation uses (exp(-745) is the smallest double).
+EXP_FLOOR = -745.0
+CONTEXT = 3  # recent engagements a new one is paired with (co-engagement)
+# The per-row arrays (a row's whole state apart from its rare hidden items and embedding).
+ARRAYS = (
+    "counts", "first_seen", "last_seen", "t0", "events", "version", "position", "journal",
+    "used", "dirty", "n_topics", "topic_ids", "topic_scores", "n_recent", "recent_ts",
+    "recent_item", "recent_code", "context_ts", "context_item",
+)  # fmt: skip
+
+
+class Vocabulary:
+    """Strings <-> dense ids, so that arrays hold 4-byte ids instead of objects.
+    Id 0 means "none": zero-filled arrays start out empty."""
+
+    __slots__ = ("ids", "names")
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self.names: list[str] = [""]
+
+    def encode(self, values: Sequence[str]) -> np.ndarray:
+        get = self.ids.get
+        out = np.array([get(v, -1) for v in values], dtype=np.int32)
+        for n in np.flatnonzero(out < 0).tolist():
+            out[n] = self.add(values[n])
+        return out
+
+    def add(self, value: str) -> int:
+        known = self.ids.get(value)
+        if known is None:
+            known = self.ids[value] = len(self.names)
+            self.names.append(value)
+        return known
+
+    def __len__(self) -> int:
+        return len(self.names) - 1
+
+
+class ProfileTable:
+    """Resident profiles of one shard. Not thread-safe: one writer (the shard's loop)."""
+
+    def __init__(self, rules: ProfileRules, capacity: int = 1024):
+        self.rules = rules
+        self.rows: dict[str, int] = {}
+        self.users: list[str | None] = []
+        self.free: list[int] = []
+        self.items = Vocabulary()
+        self.topics = Vocabulary()
+        self.journals = Vocabulary()
+        self.hidden: dict[int, dict[str, float]] = {}
+        self.embedding: dict[int, tuple[np.ndarray, float]] = {}
+        self.clock = 0  # LRU: each touch stamps rows with a larger number
+        self.capacity = 0
+        self._allocate(capacity)
+        self._weights = np.array(rules.weights, dtype=np.float64)
+        self._hide = rules.codes.get(HIDE, -1)
+
+    # --- storage ---
+    def _allocate(self, capacity: int) -> None:
+        rules, old, n = self.rules, self.capacity, self.capacity
+        k, r, a = rules.top_k, rules.recent_n, len(rules.actions)
+        # All zero when empty (vocabulary id 0 is "none"; first/last seen and t0 mean
+        # nothing while events == 0): np.zeros maps untouched capacity lazily, so
+        # memory follows the rows in use, not the capacity.
+        for name, shape, dtype in (
+            ("counts", (a,), np.int32),
+            ("first_seen", (), np.float64),
+            ("last_seen", (), np.float64),
+            ("t0", (), np.float64),
+            ("events", (), np.int64),
+            ("version", (), np.int64),
+            ("position", (), np.int64),
+            ("journal", (), np.int32),
+            ("used", (), np.int64),
+            ("dirty", (), np.bool_),  # changed since last written to the store
+            ("n_topics", (), np.int16),
+            ("topic_ids", (k,), np.int32),
+            ("topic_scores", (k,), np.float64),
+            ("n_recent", (), np.int16),
+            ("recent_ts", (r,), np.float64),
+            ("recent_item", (r,), np.int32),
+            ("recent_code", (r,), np.int8),
+            # The last CONTEXT entries by time, oldest first: what new engagements pair with.
+            ("context_ts", (CONTEXT,), np.float64),
+            ("context_item", (CONTEXT,), np.int32),
+        ):
+            grown = np.zeros((capacity, *shape), dtype=dtype)
+            if old:
+                grown[:n] = getattr(self, name)
+            setattr(self, name, grown)
+        self.users.extend([None] * (capacity - old))
+        self.free.extend(range(capacity - 1, old - 1, -1))
+        self.capacity = capacity
+
+    def _clear(self, row: int) -> None:
+        for name in ARRAYS:
+            getattr(self, name)[row] = 0
+        self.hidden.pop(row, None)
+        self.embedding.pop(row, None)
+
+    def _new_row(self, user: str) -> int:
+        if not self.free:
+            self._allocate(max(1024, self.capacity * 2))
+        row = self.free.pop()
+        self.rows[user] = row
+        self.users[row] = user
+        return row
+
+    def nbytes(self) -> int:
+        """Bytes of the per-row arrays (the part that grows with users)."""
+        return sum(getattr(self, name).nbytes for name in ARRAYS)
+
+    # --- mapping ---
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, user: object) -> bool:
+        return user in self.rows
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.rows))
+
+    def remove(self, user: str) -> bool:
+        row = self.rows.pop(user, None)
+        if row is None:
+            return False
+        self._clear(row)
+        self.users[row] = None
+        self.free.append(row)
+        return True
+
+    def position_of(self, user: str) -> int | None:
+        row = self.rows.get(user)
+        return None if row is None else int(self.position[row])
+
+    def touch(self, users: Iterable[str]) -> None:
+        rows = [r for r in map(self.rows.get, users) if r is not None]
+        if rows:
+            self.clock += 1
+            self.used[rows] = self.clock
+
+    def least_recent(self, count: int) -> list[str]:
+        """The ``count`` least recently used users, oldest first."""
+        live = np.fromiter(self.rows.values(), dtype=np.int64, count=len(self.rows))
+        if count <= 0 or not len(live):
+            return []
+        if count < len(live):
+            live = live[np.argpartition(self.used[live], count - 1)[:count]]
+        live = live[np.argsort(self.used[live], kind="stable")]
+        return [self.users[r] for r in live.tolist()]
+
+    # --- one profile in and out ---
+    def get(self, user: str) -> Profile | None:
+        row = self.rows.get(user)
+        return None if row is None else self._materialize(row)
+
+    def record(self, user: str) -> dict | None:
+        """The user's persisted form (``Profile.to_record``), or None if not resident."""
+        row = self.rows.get(user)
+        return None if row is None else self._materialize(row).to_record(self.rules)
+
+    def _materialize(self, row: int) -> Profile:
+        rules = self.rules
+        profile = Profile(self.users[row], len(rules.actions))
+        profile.counts = self.counts[row].tolist()
+        profile.events, profile.version = int(self.events[row]), int(self.version[row])
+        if profile.events:  # otherwise the Profile defaults (inf, -inf, None) stand
+            profile.first_seen = float(self.first_seen[row])
+            profile.last_seen = float(self.last_seen[row])
+            profile.t0 = float(self.t0[row])
+        names = self.topics.names
+        n = int(self.n_topics[row])
+        profile.topics = dict(
+            zip(
+                [names[i] for i in self.topic_ids[row, :n].tolist()],
+                self.topic_scores[row, :n].tolist(),
+                strict=True,
+            )
+        )
+        n = int(self.n_recent[row])
+        items = self.items.names
+        profile.recent = sorted(
+            zip(
+                self.recent_ts[row, :n].tolist(),
+                [items[i] for i in self.recent_item[row, :n].tolist()],
+                self.recent_code[row, :n].tolist(),
+                strict=True,
+            )
+        )
+        hidden = self.hidden.get(row)
+        profile.hidden = dict(hidden) if hidden else None
+        if row in self.embedding:
+            vector, weight = self.embedding[row]
+            profile.embedding, profile.embedding_weight = vector.copy(), weight
+        journal = int(self.journal[row])
+        profile.journal = self.journals.names[journal] if journal else None
+        profile.position = int(self.position[row])
+        return profile
+
+    def put(self, profile: Profile) -> None:
+        """Make ``profile`` resident (replacing any row the user had)."""
+        row = self.rows.get(profile.user_id)
+        if row is None:
+            row = self._new_row(profile.user_id)
+        else:
+            self._clear(row)
+        self._store(row, profile)
+        self.clock += 1
+        self.used[row] = self.clock
+
+    def _rows_for(self, users: Sequence[str]) -> np.ndarray:
+        """Each user's row, creating rows for users not resident yet."""
+        get = self.rows.get
+        rows = np.array([get(u, -1) for u in users], dtype=np.int64)
+        for n in np.flatnonzero(rows < 0).tolist():
+            row = self.rows.get(users[n])
+            rows[n] = self._new_row(users[n]) if row is None else row
+        return rows
+
+    # --- dirty rows (changed since written to the store) ---
+    def take_dirty(self) -> list[str]:
+        """The dirty users, now marked clean (a checkpoint is about to write them)."""
+        rows = np.flatnonzero(self.dirty)
+        self.dirty[rows] = False
+        return [self.users[r] for r in rows.tolist()]
+
+    def mark_dirty(self, users: Iterable[str]) -> None:
+        rows = [r for r in map(self.rows.get, users) if r is not None]
+        self.dirty[rows] = True
+
+    def is_dirty(self, user: str) -> bool:
+        row = self.rows.get(user)
+        return row is not None and bool(self.dirty[row])
+
+    def mark_clean(self, user: str) -> None:
+        row = self.rows.get(user)
+        if row is not None:
+            self.dirty[row] = False
+
+    def dirty_count(self) -> int:
+        return int(np.count_nonzero(self.dirty))
+
+    def _store(self, row: int, profile: Profile) -> None:
+        rules = self.rules
+        profile.trim(rules)  # a record written under larger limits fits these ones
+        self.counts[row] = profile.counts
+        self.events[row], self.version[row] = profile.events, profile.version
+        if profile.events:
+            self.first_seen[row], self.last_seen[row] = profile.first_seen, profile.last_seen
+            self.t0[row] = profile.t0
+        n = len(profile.topics)
+        self.n_topics[row] = n
+        if n:
+            self.topic_ids[row, :n] = self.topics.encode(list(profile.topics))
+            self.topic_scores[row, :n] = list(profile.topics.values())
+        recent = profile.recent
+        n = len(recent)
+        self.n_recent[row] = n
+        if n:
+            ts, items, codes = zip(*recent, strict=True)
+            item_ids = self.items.encode(items)
+            self.recent_ts[row, :n] = ts
+            self.recent_item[row, :n] = item_ids
+            self.recent_code[row, :n] = codes
+            tail = min(n, CONTEXT)
+            self.context_ts[row, CONTEXT - tail :] = ts[n - tail :]
+            self.context_item[row, CONTEXT - tail :] = item_ids[n - tail :]
+        if profile.hidden:
+            self.hidden[row] = dict(profile.hidden)
+        else:
+            self.hidden.pop(row, None)
+        if profile.embedding is not None:
+            self.embedding[row] = (profile.embedding.copy(), profile.embedding_weight)
+        else:
+            self.embedding.pop(row, None)
+        journal = profile.journal
+        self.journal[row] = 0 if journal is None else self.journals.add(journal)
+        self.position[row] = profile.position
+
+    # --- applying a batch ---
+    def apply(
+        self,
+        events: Sequence[Sequence],
+        seq: int,
+        journal: str,
+        *,
+        stats=None,
+        embeddings: dict[str, np.ndarray] | None = None,
+    ) -> int:
+        """Apply validated events (batch order) at journal position ``seq``; users whose
+        row is already at or past ``seq`` in this journal are skipped (replay).
+
+        ``stats`` (an ItemStats) observes the applied events with each user's
+        recent context before them. Returns the number of events applied; the rows
+        they changed are marked dirty."""
+        if not events:
+            return 0
+        users, item_names, actions, ts_list, topic_lists, weight_list = zip(*events, strict=True)
+        journal_id = self.journals.add(journal)
+        rows = self._rows_for(users)
+        past = (self.journal[rows] == journal_id) & (self.position[rows] >= seq)
+        if past.any():  # replay of rows some users already hold
+            kept = np.flatnonzero(~past)
+            if not len(kept):
+                return 0
+            events = [events[i] for i in kept.tolist()]
+            rows = rows[kept]
+            users, item_names, actions, ts_list, topic_lists, weight_list = zip(
+                *events, strict=True
+            )
+        n = len(users)
+        codes = np.array([self.rules.codes[a] for a in actions], dtype=np.int8)
+        ts = np.array(ts_list, dtype=np.float64)
+        weights = np.array(weight_list, dtype=np.float64)
+        items = self.items.encode(item_names)
+
+        # Per row: its events grouped (stable, so arrival order inside a group).
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+        batch_rows = sorted_rows[starts]
+        per_row = np.diff(np.r_[starts, n])
+        group = np.empty(n, dtype=np.int64)  # event -> index into batch_rows
+        group[order] = np.repeat(np.arange(len(batch_rows)), per_row)
+        rank = np.empty(n, dtype=np.int64)  # event -> its place among its row's events
+        rank[order] = np.arange(n) - np.repeat(starts, per_row)
+
+        # A new row's reference time is its first event's (as in the reference model).
+        t0 = self.t0[batch_rows]
+        fresh = self.events[batch_rows] == 0
+        t0[fresh] = ts[order[starts[fresh]]]
+        exponent = self.rules.rate * (ts - t0[group])
+        slow = np.zeros(len(batch_rows), dtype=bool)
+        slow[group[exponent > REBASE_EXPONENT]] = True
+
+        # Topics: (event, topic) pairs; a pair's topic either has a slot in the row or
+        # takes the next free one. More distinct topics than slots -> reference path.
+        lengths = np.fromiter(map(len, topic_lists), dtype=np.int64, count=n)
+        pair_event = np.repeat(np.arange(n), lengths)
+        pair_topic = self.topics.encode([t for ts_topics in topic_lists for t in ts_topics])
+        pair_row = rows[pair_event]
+        pair_slot = np.full(len(pair_event), -1, dtype=np.int64)
+        if len(pair_event):
+            match = self.topic_ids[pair_row] == pair_topic[:, None]
+            found = match.any(axis=1)
+            pair_slot[found] = match[found].argmax(axis=1)
+            missing = np.flatnonzero(~found)
+            if len(missing):
+                keys = (pair_row[missing] << 32) | pair_topic[missing].astype(np.int64)
+                new_keys, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+                new_rows = new_keys >> 32
+                new_starts = np.flatnonzero(np.r_[True, new_rows[1:] != new_rows[:-1]])
+                new_counts = np.diff(np.r_[new_starts, len(new_keys)])
+                offset = np.arange(len(new_keys)) - np.repeat(new_starts, new_counts)
+                new_slot = self.n_topics[new_rows].astype(np.int64) + offset
+                pair_slot[missing] = new_slot[inverse.ravel()]
+                over = new_slot >= self.rules.top_k
+                if over.any():
+                    slow[group[pair_event[missing[first[over]]]]] = True
+
+        # Recent actions: rows with room take the next slots; full rows replace their
+        # oldest entry, one round per event of the row (rank), on a copy of their times.
+        recent_slot = self.n_recent[rows].astype(np.int64) + rank
+        full = recent_slot >= self.rules.recent_n
+        writes: list[tuple[np.ndarray, np.ndarray]] = []  # (event ids, slots) in order
+        if full.any():
+            slow |= self._replace_oldest(rows, ts, rank, group, full, len(batch_rows), writes)
+
+        fast_group = ~slow
+        keep = np.flatnonzero(fast_group[group]) if slow.any() else None
+        slow_events = (
+            np.flatnonzero(slow[group]) if keep is not None else np.empty(0, dtype=np.int64)
+        )
+        if stats is not None:
+            self._observe(stats, rows, items, codes, ts, keep)
+        # Slow rows read their pre-batch state, then go the reference way.
+        for row, row_events in _group_rows(rows, slow_events, events):
+            profile = self._materialize(row)
+            if stats is not None:
+                stats.observe(row_events, profile.recent)
+            apply_events(profile, row_events, self.rules, embeddings=embeddings)
+            profile.journal, profile.position = journal, seq
+            self._clear(row)
+            self._store(row, profile)
+
+        # The fast path: every remaining event at once.
+        if keep is None:
+            pick = pair_pick = _everything
+        else:
+            fast = fast_group[group]
+            renumber = np.cumsum(fast) - 1  # event index -> index among the kept events
+            pair_keep = np.flatnonzero(fast[pair_event])
+            writes = [(renumber[e[fast[e]]], s[fast[e]]) for e, s in writes]
+            pair_event = renumber[pair_event]
+
+            def pick(values: np.ndarray) -> np.ndarray:
+                return values[keep]
+
+            def pair_pick(values: np.ndarray) -> np.ndarray:
+                return values[pair_keep]
+
+        rows_done = batch_rows[fast_group]
+        if len(rows_done):
+            self._apply_fast(
+                rows_done, t0[fast_group], journal_id, seq,
+                pick(rows), pick(codes), pick(ts), pick(weights), pick(items), pick(exponent),
+                pair_pick(pair_event), pair_pick(pair_row), pair_pick(pair_slot),
+                pair_pick(pair_topic), pick(recent_slot), pick(full), pick(per_row[group] == 1),
+                writes, embeddings, fresh[fast_group],
+            )  # fmt: skip
+        self.clock += 1
+        self.used[batch_rows] = self.clock
+        self.dirty[batch_rows] = True
+        return n
+
+    def _apply_fast(
+        self, rows_done, t0_rows, journal_id, seq, rows, codes, ts, weights, items, exponent,
+        pair_event, pair_row, pair_slot, pair_topic, recent_slot, full, alone, writes,
+        embeddings, fresh,
+    ) -> None:  # fmt: skip
+        self.t0[rows_done] = t0_rows
+        new = rows_done[fresh]  # their first/last seen start from the batch's events
+        self.first_seen[new], self.last_seen[new] = math.inf, -math.inf
+        np.add.at(self.counts, (rows, codes), 1)
+        np.minimum.at(self.first_seen, rows, ts)
+        np.maximum.at(self.last_seen, rows, ts)
+        np.add.at(self.events, rows, 1)
+        self.version[rows_done] += 1
+        self.journal[rows_done] = journal_id
+        self.position[rows_done] = seq
+        # Same operations in the same order as the reference: bit-for-bit equal scores.
+        contribution = self._weights[codes] * weights * np.exp(np.maximum(exponent, EXP_FLOOR))
+        if len(pair_event):
+            self.topic_ids[pair_row, pair_slot] = pair_topic
+            np.add.at(self.topic_scores, (pair_row, pair_slot), contribution[pair_event])
+            np.maximum.at(self.n_topics, pair_row, (pair_slot + 1).astype(np.int16))
+        room = ~full
+        target, slots = rows[room], recent_slot[room]
+        self.recent_ts[target, slots] = ts[room]
+        self.recent_item[target, slots] = items[room]
+        self.recent_code[target, slots] = codes[room]
+        np.maximum.at(self.n_recent, target, (slots + 1).astype(np.int16))
+        for event_ids, slot in writes:  # in round order: later rounds overwrite
+            target = rows[event_ids]
+            self.recent_ts[target, slot] = ts[event_ids]
+            self.recent_item[target, slot] = items[event_ids]
+            self.recent_code[target, slot] = codes[event_ids]
+        self._update_context(rows, ts, items, alone)
+        hides = np.flatnonzero(codes == self._hide)
+        if len(hides):
+            self._hide_items(rows[hides], items[hides], ts[hides])
+        if embeddings:
+            self._add_embeddings(rows, items, contribution, embeddings)
+
+    def _replace_oldest(self, rows, ts, rank, group, full, groups, writes) -> np.ndarray:
+        """Place events of rows whose recent bag is full: each replaces the row's oldest
+        entry if it is newer. Returns the groups to send the reference way (ties on
+        time where the tuple order of the reference would have to decide)."""
+        slow = np.zeros(groups, dtype=bool)
+        full_events = np.flatnonzero(full)
+        full_rows = np.unique(rows[full_events])
+        local = self.recent_ts[full_rows].copy()
+        where = np.searchsorted(full_rows, rows)
+        # Events that still fit before the bag filled count as entries already there.
+        room = np.flatnonzero(~full & np.isin(rows, full_rows))
+        local[where[room], (self.n_recent[rows[room]] + rank[room]).astype(np.int64)] = ts[room]
+        for r in np.unique(rank[full_events]).tolist():
+            these = full_events[rank[full_events] == r]
+            at = where[these]
+            bag = local[at]
+            slot = bag.argmin(axis=1)
+            oldest = bag[np.arange(len(at)), slot]
+            tie = (bag == ts[these, None]).any(axis=1)
+            slow[group[these[tie]]] = True
+            newer = ts[these] > oldest
+            local[at[newer], slot[newer]] = ts[these[newer]]
+            writes.append((these[newer], slot[newer]))
+        return slow
+
+    def _update_context(self, rows, ts, items, single) -> None:
+        """Keep each row's last CONTEXT entries by time (oldest first); ``single``
+        marks events that are their row's only one in the batch."""
+        one = np.flatnonzero(single)
+        if len(one):  # most rows get one event per batch: insert it without sorting
+            target, new_ts, new_items = rows[one], ts[one], items[one]
+            old_ts, old_items = self.context_ts[target], self.context_item[target]
+            # k entries are older than the new one; it goes after them, the oldest drops.
+            k = ((old_ts < new_ts[:, None]) | (old_items == 0)).sum(axis=1)[:, None]
+            slot = np.arange(CONTEXT)[None, :]
+            shifted_ts = np.concatenate([old_ts[:, 1:], old_ts[:, -1:]], axis=1)
+            shifted_items = np.concatenate([old_items[:, 1:], old_items[:, -1:]], axis=1)
+            self.context_ts[target] = np.where(
+                slot < k - 1, shifted_ts, np.where(slot == k - 1, new_ts[:, None], old_ts)
+            )
+            self.context_item[target] = np.where(
+                slot < k - 1, shifted_items, np.where(slot == k - 1, new_items[:, None], old_items)
+            )
+        many = np.flatnonzero(~single)
+        if not len(many):
+            return
+        rows, ts, items = rows[many], ts[many], items[many]
+        touched = np.unique(rows)
+        where = np.searchsorted(touched, rows)
+        all_rows = np.concatenate([np.repeat(np.arange(len(touched)), CONTEXT), where])
+        all_ts = np.concatenate([self.context_ts[touched].ravel(), ts])
+        all_items = np.concatenate([self.context_item[touched].ravel(), items])
+        order = np.lexsort((all_ts, all_rows))
+        all_ts, all_items = all_ts[order], all_items[order]
+        ends = np.r_[np.flatnonzero(np.diff(all_rows[order])), len(order) - 1]
+        for k in range(CONTEXT):  # every row has >= CONTEXT entries (the padded context)
+            self.context_ts[touched, k] = all_ts[ends - (CONTEXT - 1 - k)]
+            self.context_item[touched, k] = all_items[ends - (CONTEXT - 1 - k)]
+
+    def _observe(self, stats, rows, items, codes, ts, keep) -> None:
+        """Item signals for the fast rows' events, each with its row's pre-batch context."""
+        weights = stats.code_weights(self.rules)[codes]
+        chosen = weights > 0
+        if keep is not None:
+            mask = np.zeros(len(rows), dtype=bool)
+            mask[keep] = True
+            chosen &= mask
+        chosen = np.flatnonzero(chosen)
+        if not len(chosen):
+            return
+        touched = np.unique(rows[chosen])
+        stats.observe_columns(
+            np.searchsorted(touched, rows[chosen]),
+            items[chosen],
+            ts[chosen],
+            weights[chosen],
+            self.context_ts[touched],
+            self.context_item[touched],
+            self.items.names,
+        )
+
+    def _hide_items(self, rows, items, ts) -> None:
+        names, limit = self.items.names, self.rules.hidden_n
+        for row, item, at in zip(rows.tolist(), items.tolist(), ts.tolist(), strict=True):
+            hidden = self.hidden.setdefault(row, {})
+            name = names[item]
+            hidden[name] = max(at, hidden.get(name, at))
+        for row in set(rows.tolist()):  # trimmed once, after the batch (as the reference)
+            hidden = self.hidden[row]
+            if len(hidden) > limit:
+                newest = sorted(hidden.items(), key=lambda kv: (-kv[1], kv[0]))
+                self.hidden[row] = dict(newest[:limit])
+
+    def _add_embeddings(self, rows, items, contribution, vectors) -> None:
+        names = self.items.names
+        for row, item, amount in zip(
+            rows.tolist(), items.tolist(), contribution.tolist(), strict=True
+        ):
+            vector = vectors.get(names[item])
+            if vector is None or amount <= 0:
+                continue
+            current = self.embedding.get(row)
+            if current is None:
+                current = (np.zeros(len(vector), dtype=np.float64), 0.0)
+            if len(vector) == len(current[0]):
+                current[0][...] += amount * vector
+                self.embedding[row] = (current[0], current[1] + amount)
+
+
+def _everything(values: np.ndarray) -> np.ndarray:
+    return values
+
+
+def _group_rows(rows: np.ndarray, event_ids: np.ndarray, events: Sequence) -> list[tuple]:
+    """(row, its events in batch order) for the given event indexes."""
+    grouped: dict[int, list] = {}
+    for e in event_ids.tolist():
+        grouped.setdefault(int(rows[e]), []).append(tuple(events[e]))
+    return list(grouped.items())

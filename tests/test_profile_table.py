@@ -1,0 +1,181 @@
+"""The column-wise profile table against the reference model: pure numpy, no services.
+
+Every batch is applied both ways (``ProfileTable.apply`` and ``apply_events`` per
+user) and every profile must come out the same, on batches built to hit each
+path: late events, equal timestamps, full recent bags, more topics than slots,
+hides, rebases, replays, embeddings.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from actors.item_stats import ItemStats
+from actors.profile import Profile, ProfileRules, apply_events
+from actors.profile_table import ProfileTable
+from persona.settings import load_settings
+
+T = 1_700_000_000.0
+DAY = 86_400.0
+SMALL = load_settings(top_k_topics=5, recent_actions=7, hidden_items=3)
+# Room for every topic: only the recent bag overflows, so rows stay on the fast path.
+ROOMY = load_settings(top_k_topics=20, recent_actions=7, hidden_items=3)
+ACTIONS = ["view"] * 6 + ["click", "click", "save", "hide"]
+
+
+def random_batch(rng: random.Random, size: int, *, users: int, spread: float, ties: bool):
+    topics = [f"t{n}" for n in range(12)]
+    return [
+        (
+            f"u{rng.randrange(users)}",
+            f"i{rng.randrange(40)}",
+            rng.choice(ACTIONS),
+            T + (rng.randrange(20) * 60.0 if ties else rng.uniform(0, spread)),
+            tuple(rng.sample(topics, rng.randint(0, 3))),
+            rng.choice([1.0, 0.5, 2.0]),
+        )
+        for _ in range(size)
+    ]
+
+
+def reference_apply(profiles: dict, rules, batch, seq, embeddings=None):
+    by_user: dict[str, list] = {}
+    for event in batch:
+        by_user.setdefault(event[0], []).append(event)
+    for user, events in by_user.items():
+        profile = profiles.setdefault(user, Profile(user, len(rules.actions)))
+        if profile.journal == "j" and profile.position >= seq:
+            continue
+        apply_events(profile, events, rules, embeddings=embeddings)
+        profile.journal, profile.position = "j", seq
+
+
+def assert_same(table: ProfileTable, profiles: dict, rules) -> None:
+    assert set(table) == set(profiles)
+    for user, expected in profiles.items():
+        got = table.get(user)
+        assert got.counts == expected.counts, user
+        assert (got.events, got.version, got.position) == (
+            expected.events,
+            expected.version,
+            expected.position,
+        ), user
+        assert (got.first_seen, got.last_seen, got.t0) == (
+            expected.first_seen,
+            expected.last_seen,
+            expected.t0,
+        ), user
+        assert got.recent == expected.recent, user
+        assert got.hidden == expected.hidden, user
+        assert got.topics.keys() == expected.topics.keys(), user
+        for topic, score in expected.topics.items():
+            assert got.topics[topic] == pytest.approx(score, rel=1e-12, abs=1e-300), user
+        assert got.embedding_weight == pytest.approx(expected.embedding_weight), user
+
+
+@pytest.mark.parametrize("settings", [SMALL, ROOMY], ids=["few-topic-slots", "roomy"])
+@pytest.mark.parametrize(
+    ("spread", "ties", "users"),
+    [(30 * DAY, False, 50), (600.0, True, 8), (12 * 365 * DAY, False, 5), (30 * DAY, False, 400)],
+    ids=["late-events", "equal-times", "rebases", "many-users"],
+)
+def test_table_matches_reference_model(settings, spread, ties, users):
+    rules = ProfileRules.from_settings(settings)
+    rng = random.Random(7)
+    table, profiles = ProfileTable(rules, capacity=16), {}
+    for seq in range(1, 40):
+        batch = random_batch(rng, rng.randint(1, 120), users=users, spread=spread, ties=ties)
+        table.apply(batch, seq, "j")
+        reference_apply(profiles, rules, batch, seq)
+    assert_same(table, profiles, rules)
+
+
+def test_replayed_rows_are_skipped_and_removed_users_start_over():
+    rules = ProfileRules.from_settings(SMALL)
+    rng = random.Random(3)
+    table, profiles = ProfileTable(rules), {}
+    batches = [random_batch(rng, 60, users=20, spread=DAY, ties=False) for _ in range(6)]
+    for seq, batch in enumerate(batches, 1):
+        table.apply(batch, seq, "j")
+        reference_apply(profiles, rules, batch, seq)
+    applied = table.apply(batches[-1], len(batches), "j")  # the same row again: skipped
+    assert applied == 0
+    table.remove("u3")
+    profiles.pop("u3", None)
+    assert "u3" not in table
+    extra = [("u3", "i1", "click", T, ("t1",), 1.0)]
+    table.apply(extra, 99, "j")
+    reference_apply(profiles, rules, extra, 99)
+    assert_same(table, profiles, rules)
+
+
+def test_round_trip_through_profile_records():
+    rules = ProfileRules.from_settings(load_settings())
+    rng = random.Random(5)
+    table = ProfileTable(rules)
+    table.apply(random_batch(rng, 500, users=30, spread=DAY, ties=False), 1, "j")
+    copy = ProfileTable(rules)
+    for user in table:
+        copy.put(Profile.from_record(table.get(user).to_record(rules), rules))
+    for user in table:
+        assert copy.get(user).to_record(rules) == table.get(user).to_record(rules)
+
+
+def test_embeddings_follow_the_reference():
+    rules = ProfileRules.from_settings(SMALL)
+    vectors = {f"i{n}": np.array([float(n), 1.0]) for n in range(0, 40, 2)}
+    rng = random.Random(11)
+    table, profiles = ProfileTable(rules), {}
+    for seq in range(1, 10):
+        batch = random_batch(rng, 80, users=10, spread=DAY, ties=False)
+        table.apply(batch, seq, "j", embeddings=vectors)
+        reference_apply(profiles, rules, batch, seq, embeddings=vectors)
+    assert_same(table, profiles, rules)
+    for user, expected in profiles.items():
+        got = table.get(user).interest_vector()
+        want = expected.interest_vector()
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got == pytest.approx(want)
+
+
+def test_item_signals_match_the_per_user_observer():
+    """The batched observer links the same pairs with the same weights as ``observe``."""
+    settings = load_settings(co_engagement_neighbours=50)
+    rules = ProfileRules.from_settings(settings)
+    rng = random.Random(13)
+    table = ProfileTable(rules)
+    batched = ItemStats(settings, settings.action_weights)
+    reference = ItemStats(settings, settings.action_weights)
+    profiles: dict[str, Profile] = {}
+    for seq in range(1, 30):
+        batch = random_batch(rng, 100, users=15, spread=2 * DAY, ties=False)
+        table.apply(batch, seq, "j", stats=batched)
+        by_user: dict[str, list] = {}
+        for event in batch:
+            by_user.setdefault(event[0], []).append(event)
+        for user, events in by_user.items():
+            profile = profiles.setdefault(user, Profile(user, len(rules.actions)))
+            reference.observe(events, profile.recent)
+            apply_events(profile, events, rules)
+    now = T + 3 * DAY
+    got, want = batched.snapshot(now), reference.snapshot(now)
+    assert got["trending"].keys() == want["trending"].keys()
+    for item, score in want["trending"].items():
+        assert got["trending"][item] == pytest.approx(score, rel=1e-9)
+    assert got["graph"].keys() == want["graph"].keys()
+    for item, neighbours in want["graph"].items():
+        assert got["graph"][item] == pytest.approx(neighbours, rel=1e-9)
+
+
+def test_least_recent_users_come_first():
+    rules = ProfileRules.from_settings(SMALL)
+    table = ProfileTable(rules)
+    for n, user in enumerate(["a", "b", "c", "d"]):
+        table.apply([(user, "i", "view", T + n, (), 1.0)], n + 1, "j")
+    table.touch(["a"])
+    assert table.least_recent(2) == ["b", "c"]
+    assert table.least_recent(10) == ["b", "c", "d", "a"]
