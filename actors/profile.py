@@ -13,6 +13,7 @@ and nothing a ranking depends on overflows or underflows.
 from __future__ import annotations
 
 import math
+import struct
 import sys
 from bisect import insort
 from collections.abc import Iterable, Sequence
@@ -22,6 +23,8 @@ import numpy as np
 
 from persona.settings import Settings
 
+# The scalars of a stored (columnar) record: first/last seen, t0, events, version, position.
+_SCALARS = struct.Struct("<3d3q")
 # Rebase when rate*(t - t0) exceeds this: e^200 ~ 7e86 stays far from float overflow
 # (e^709), and scores older than e^-200 relative to new ones are truly negligible.
 REBASE_EXPONENT = 200.0
@@ -160,22 +163,43 @@ class Profile:
 
     @classmethod
     def from_record(cls, record: dict, rules: ProfileRules) -> Profile:
+        """A profile from its record: the list form ``to_record`` writes (reads, API),
+        or the columnar form shards store (``"s": 2``, ProfileTable.encode)."""
         profile = cls(record["u"], len(rules.actions))
-        for action, count in record["c"].items():
-            if action in rules.actions:  # an action removed from config keeps no counter
+        counts = record["c"]
+        if isinstance(counts, bytes):  # per code, in the action order it was written in
+            written = np.frombuffer(counts, dtype="<i4").tolist()
+            counts = dict(zip(record["an"], written, strict=True))
+        for action, count in counts.items():
+            if count and action in rules.actions:  # an action removed from config: dropped
                 profile.counts[rules.code(action)] = count
+        if "x" in record:
+            first, last, t0, events, version, position = _SCALARS.unpack(record["x"])
+            record = {**record, "f": first, "l": last, "n": events, "v": version, "p": position}
+            record["t0"] = None if math.isnan(t0) else t0
         profile.first_seen, profile.last_seen = record["f"], record["l"]
         profile.events, profile.version, profile.t0 = record["n"], record["v"], record["t0"]
-        profile.topics = dict(record["t"])
+        if "tn" in record:
+            scores = np.frombuffer(record["tv"], dtype=np.float64).tolist()
+            profile.topics = dict(zip(record["tn"], scores, strict=True))
+            written = record["an"]
+            recent = zip(
+                np.frombuffer(record["rt"], dtype=np.float64).tolist(),
+                record["ri"],
+                (written[code] for code in record["ra"]),
+                strict=True,
+            )
+        else:
+            profile.topics = dict(record["t"])
+            recent = record["r"]
+        codes = rules.codes
         profile.recent = [
-            (ts, sys.intern(item), rules.code(action))
-            for ts, item, action in record["r"]
-            if action in rules.actions
+            (ts, sys.intern(item), codes[action]) for ts, item, action in recent if action in codes
         ]
-        profile.hidden = dict(record["h"]) if record["h"] else None
-        if record["e"] is not None:
+        profile.hidden = dict(record["h"]) if record.get("h") else None
+        if record.get("e") is not None:
             profile.embedding = np.asarray(record["e"], dtype=np.float64)
-        profile.embedding_weight = record["ew"]
+            profile.embedding_weight = record["ew"]
         profile.journal, profile.position = record["j"], record["p"]
         return profile
 

@@ -28,10 +28,15 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from actors.profile import HIDE, REBASE_EXPONENT, Profile, ProfileRules, apply_events
+from storage import codec
 
 # The exponent floor every reference computation uses (exp(-745) is the smallest double).
 EXP_FLOOR = -745.0
 CONTEXT = 3  # recent engagements a new one is paired with (co-engagement)
+# A stored record's scalars, packed in one little-endian bytes field ("x").
+SCALARS = np.dtype(
+    [("f", "<f8"), ("l", "<f8"), ("t0", "<f8"), ("n", "<i8"), ("v", "<i8"), ("p", "<i8")]
+)
 # The per-row arrays (a row's whole state apart from its rare hidden items and embedding).
 ARRAYS = (
     "counts", "first_seen", "last_seen", "t0", "events", "version", "position", "journal",
@@ -44,11 +49,18 @@ class Vocabulary:
     """Strings <-> dense ids, so that arrays hold 4-byte ids instead of objects.
     Id 0 means "none": zero-filled arrays start out empty."""
 
-    __slots__ = ("ids", "names")
+    __slots__ = ("_array", "ids", "names")
 
     def __init__(self) -> None:
         self.ids: dict[str, int] = {}
         self.names: list[str] = [""]
+        self._array = np.asarray(self.names, dtype=object)
+
+    def as_array(self) -> np.ndarray:
+        """The names as an object array (id -> name by fancy indexing), kept current."""
+        if len(self._array) != len(self.names):
+            self._array = np.asarray(self.names, dtype=object)
+        return self._array
 
     def encode(self, values: Sequence[str]) -> np.ndarray:
         get = self.ids.get
@@ -185,6 +197,85 @@ class ProfileTable:
     def get(self, user: str) -> Profile | None:
         row = self.rows.get(user)
         return None if row is None else self._materialize(row)
+
+    def encode(self, users: Iterable[str]) -> dict[str, bytes]:
+        """Stored blobs of the resident ``users`` (columnar records, see
+        ``Profile.from_record``), built from the arrays a chunk at a time: a
+        checkpoint encodes every dirty profile, so this is its CPU cost."""
+        rules, get = self.rules, self.rows.get
+        pairs = [(u, r) for u in users if (r := get(u)) is not None]
+        if not pairs:
+            return {}
+        rows = np.fromiter((r for _, r in pairs), dtype=np.int64, count=len(pairs))
+        ts, items, codes = self._recent_in_order(rows)
+        # Only the used slots, flattened; row i's entries are [start[i], start[i + 1]).
+        n_recent, n_topics = self.n_recent[rows], self.n_topics[rows]
+        used_r = np.arange(ts.shape[1])[None, :] < n_recent[:, None]
+        used_t = np.arange(rules.top_k)[None, :] < n_topics[:, None]
+        start_r = np.r_[0, np.cumsum(n_recent)].tolist()
+        start_t = np.r_[0, np.cumsum(n_topics)].tolist()
+        ts_bytes = ts[used_r].tobytes()
+        code_bytes = codes[used_r].astype(np.uint8).tobytes()
+        item_names = self.items.as_array()[items[used_r]].tolist()
+        topic_names = self.topics.as_array()[self.topic_ids[rows][used_t]].tolist()
+        score_bytes = self.topic_scores[rows][used_t].tobytes()
+        scalars = np.empty(len(rows), dtype=SCALARS)
+        applied = self.events[rows] > 0  # first/last seen and t0 mean nothing before that
+        scalars["f"] = np.where(applied, self.first_seen[rows], math.inf)
+        scalars["l"] = np.where(applied, self.last_seen[rows], -math.inf)
+        scalars["t0"] = np.where(applied, self.t0[rows], math.nan)
+        scalars["n"], scalars["v"] = self.events[rows], self.version[rows]
+        scalars["p"] = self.position[rows]
+        scalar_bytes, width = scalars.tobytes(), SCALARS.itemsize
+        count_bytes, count_width = self.counts[rows].tobytes(), 4 * len(rules.actions)
+        journal = self.journal[rows].tolist()
+        journals, actions = self.journals.names, list(rules.actions)
+        hidden, embedding, encode = self.hidden, self.embedding, codec.encoder()
+        blobs = {}
+        for i, (user, row) in enumerate(pairs):
+            r0, r1, k0, k1 = start_r[i], start_r[i + 1], start_t[i], start_t[i + 1]
+            record = {
+                "s": 2,
+                "u": user,
+                "x": scalar_bytes[i * width : (i + 1) * width],
+                "an": actions,
+                "c": count_bytes[i * count_width : (i + 1) * count_width],
+                "tn": topic_names[k0:k1],
+                "tv": score_bytes[k0 * 8 : k1 * 8],
+                "rt": ts_bytes[r0 * 8 : r1 * 8],
+                "ri": item_names[r0:r1],
+                "ra": code_bytes[r0:r1],
+                "j": journals[journal[i]] if journal[i] else None,
+            }
+            if row in hidden:
+                record["h"] = hidden[row]
+            if row in embedding:
+                vector, weight = embedding[row]
+                record["e"], record["ew"] = vector.tolist(), weight
+            blobs[user] = encode(record)
+        return blobs
+
+    def _recent_in_order(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The rows' recent bags sorted as the reference keeps them: by (ts, item, action);
+        used slots first. Ties on time (rare) are ordered in Python by item name."""
+        n_recent = self.n_recent[rows][:, None]
+        width = int(n_recent.max(initial=0))  # slots past every row's count hold nothing
+        used = np.arange(width)[None, :] < n_recent
+        ts = self.recent_ts[rows, :width]
+        order = np.argsort(np.where(used, ts, np.inf), axis=1, kind="stable")
+        ts = np.take_along_axis(ts, order, axis=1)
+        items = np.take_along_axis(self.recent_item[rows, :width], order, axis=1)
+        codes = np.take_along_axis(self.recent_code[rows, :width], order, axis=1)
+        tied = ((ts[:, 1:] == ts[:, :-1]) & used[:, 1:]).any(axis=1)
+        names = self.items.names
+        for i in np.flatnonzero(tied).tolist():
+            n = int(n_recent[i, 0])
+            entries = sorted(
+                zip(ts[i, :n].tolist(), items[i, :n].tolist(), codes[i, :n].tolist(), strict=True),
+                key=lambda e: (e[0], names[e[1]], e[2]),
+            )
+            ts[i, :n], items[i, :n], codes[i, :n] = zip(*entries, strict=True)
+        return ts, items, codes
 
     def record(self, user: str) -> dict | None:
         """The user's persisted form (``Profile.to_record``), or None if not resident."""

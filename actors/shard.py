@@ -24,8 +24,6 @@ from storage import open_store
 
 log = logging.getLogger(__name__)
 
-# Encode this many profiles between yields to the event loop during a checkpoint.
-ENCODE_CHUNK = 2_000
 CHECKPOINT_RETRY_MAX_S = 30.0
 
 
@@ -215,9 +213,7 @@ class ProfileShard:
             started = time.monotonic()
             seq, users, meta = state.begin_checkpoint()
             try:
-                for at in range(0, len(users), ENCODE_CHUNK):
-                    encoded = state.encode_profiles(users[at : at + ENCODE_CHUNK])
-                    await asyncio.to_thread(state.store.put_profiles, encoded)
+                await state.write_profiles(users)
                 await asyncio.to_thread(state.finish_checkpoint, seq, meta)
             except BaseException:
                 state.table.mark_dirty(users)

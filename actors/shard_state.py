@@ -19,6 +19,7 @@ separate so the protocol reads top to bottom in one place:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -39,6 +40,9 @@ from storage import Checkpoint, Store, codec
 
 log = logging.getLogger(__name__)
 
+# Profiles encoded between yields to the event loop during a checkpoint (~30 ms of
+# encoding), and written per store call.
+CHECKPOINT_CHUNK = 5_000
 # Item vectors cached per shard for the interest embedding; bounded, cleared when full.
 ITEM_CACHE_LIMIT = 200_000
 
@@ -371,13 +375,26 @@ class ShardState:
         returned meta (batch ids, item signals) is as of that same position."""
         return self.last_seq, self.table.take_dirty(), self.checkpoint_meta()
 
+    async def write_profiles(self, users: list[str], chunk: int = CHECKPOINT_CHUNK) -> None:
+        """Encode and write profiles a chunk at a time, encoding the next chunk while
+        the previous one is being written. Encoding stays on the caller's thread (the
+        shard's event loop), so each chunk is a consistent view between batches."""
+        writing = None
+        try:
+            for at in range(0, len(users), chunk):
+                encoded = self.encode_profiles(users[at : at + chunk])
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(asyncio.to_thread(self.store.put_profiles, encoded))
+                await asyncio.sleep(0)  # let reads and writes in between chunks
+            if writing is not None:
+                await writing
+        finally:
+            if writing is not None and not writing.done():
+                await asyncio.wait([writing])  # never leave a write running unobserved
+
     def encode_profiles(self, users: Iterable[str]) -> dict[str, bytes]:
-        encoded = {}
-        for user in users:
-            record = self.table.record(user)
-            if record is not None:  # deleted since it was dirtied
-                encoded[user] = codec.encode(record)
-        return encoded
+        return self.table.encode(users)  # users deleted since they were dirtied are skipped
 
     def checkpoint_meta(self) -> bytes:
         return codec.encode(

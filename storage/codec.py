@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -25,6 +26,18 @@ _HEADER = struct.Struct(">2sBI")
 def encode(value: Any) -> bytes:
     payload = msgpack.packb(value, use_bin_type=True)
     return _HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(payload)) + payload
+
+
+def encoder() -> Callable[[Any], bytes]:
+    """``encode`` with one reused msgpack Packer: for encoding many records in a row
+    from one thread (a Packer is not thread-safe; packb builds one per call)."""
+    pack, crc32, header = msgpack.Packer(use_bin_type=True).pack, zlib.crc32, _HEADER.pack
+
+    def encode_one(value: Any) -> bytes:
+        payload = pack(value)
+        return header(MAGIC, FORMAT_VERSION, crc32(payload)) + payload
+
+    return encode_one
 
 
 def decode(blob: bytes, *, what: str = "record") -> Any:

@@ -17,6 +17,7 @@ from actors.item_stats import ItemStats
 from actors.profile import Profile, ProfileRules, apply_events
 from actors.profile_table import ProfileTable
 from persona.settings import load_settings
+from storage import codec
 
 T = 1_700_000_000.0
 DAY = 86_400.0
@@ -112,16 +113,37 @@ def test_replayed_rows_are_skipped_and_removed_users_start_over():
     assert_same(table, profiles, rules)
 
 
-def test_round_trip_through_profile_records():
-    rules = ProfileRules.from_settings(load_settings())
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct-times", "equal-times"])
+def test_round_trip_through_both_record_forms(ties):
+    """The stored (columnar) blob and the list record both give back the same profile."""
+    rules = ProfileRules.from_settings(SMALL)
     rng = random.Random(5)
     table = ProfileTable(rules)
-    table.apply(random_batch(rng, 500, users=30, spread=DAY, ties=False), 1, "j")
-    copy = ProfileTable(rules)
+    for seq in range(1, 6):
+        table.apply(random_batch(rng, 300, users=30, spread=DAY, ties=ties), seq, "j")
+    blobs = table.encode([*table, "not-resident"])
+    assert set(blobs) == set(table)
+    from_blobs, from_lists = ProfileTable(rules), ProfileTable(rules)
     for user in table:
-        copy.put(Profile.from_record(table.get(user).to_record(rules), rules))
+        record = codec.decode(blobs[user])
+        from_blobs.put(Profile.from_record(record, rules))
+        from_lists.put(Profile.from_record(table.get(user).to_record(rules), rules))
     for user in table:
-        assert copy.get(user).to_record(rules) == table.get(user).to_record(rules)
+        want = table.get(user).to_record(rules)
+        assert from_blobs.get(user).to_record(rules) == want
+        assert from_lists.get(user).to_record(rules) == want
+        assert table.get(user).recent == sorted(table.get(user).recent)
+
+
+def test_stored_counters_follow_action_names_when_the_config_changes():
+    rules = ProfileRules.from_settings(SMALL)
+    table = ProfileTable(rules)
+    table.apply([("u", "i", "click", T, (), 1.0), ("u", "i", "hide", T + 1, (), 1.0)], 1, "j")
+    record = codec.decode(table.encode(["u"])["u"])
+    fewer = ProfileRules.from_settings(load_settings(action_weights={"click": 1.0, "view": 0.5}))
+    profile = Profile.from_record(record, fewer)
+    assert profile.counts[fewer.code("click")] == 1
+    assert [r[1:] for r in profile.recent] == [("i", fewer.code("click"))]
 
 
 def test_embeddings_follow_the_reference():
