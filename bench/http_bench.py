@@ -119,11 +119,20 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--store", default="sqlite", choices=["sqlite", "cassandra"])
     parser.add_argument("--proxy", default="haproxy", choices=["haproxy", "default"])
+    # One ingress replica per core, as serve.yaml's autoscaler would settle on under
+    # sustained load on this machine.
+    parser.add_argument("--replicas", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("bench.http_bench needs wrk: apt-get install wrk")
 
-    results = {"bench": "http", "users": args.users, "items": args.items, "proxy": args.proxy}
+    results = {
+        "bench": "http",
+        "users": args.users,
+        "items": args.items,
+        "proxy": args.proxy,
+        "ingress_replicas": args.replicas,
+    }
     results["uvicorn_ceiling"] = ceiling(args.users, args.seconds, args.connections)
 
     if args.proxy == "haproxy":
@@ -171,7 +180,9 @@ def main() -> None:
             fleet.apply(f"load-{at}", events[at : at + 10_000])
         resident = sum(s["resident"] for s in fleet.stats())
         serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
-        handle = serve.run(build_app(overrides), name="persona", route_prefix="/")
+        handle = serve.run(
+            build_app(overrides, replicas=args.replicas), name="persona", route_prefix="/"
+        )
         wait_port(SERVE_PORT)
         # A catalog upsert over HTTP makes the recommender reload catalog and signals.
         import httpx

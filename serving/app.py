@@ -1,5 +1,5 @@
 """The HTTP API: a FastAPI ingress deployed with Ray Serve. Routes are thin: they parse,
-call the fleet or the recommender, and map Persona's errors to status codes in one place.
+call the fleet or the replica's recommender, and map Persona's errors to status codes in one place.
 
 Run it with `serve run serving.app:app` or `serve deploy serve.yaml`; settings come
 from PERSONA_* variables of the process that builds the application.
@@ -17,7 +17,6 @@ import uuid
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from actors.catalog import decode_item, encode_item, item_problem
 from actors.events import check_id, decode_msgpack_batch
@@ -34,7 +33,7 @@ from persona.errors import (
 from persona.settings import Settings, load_settings
 from serving import schemas
 from serving.metrics import ApiMetrics
-from serving.recommend import Recommender
+from serving.recommend import RecommenderCore
 from serving.views import error_body, profile_view
 from storage import open_store
 
@@ -102,7 +101,7 @@ def _valid_id(value: str, name: str) -> str:
 @serve.deployment(name="Ingress", max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, settings: dict, token_sha256: str, recommender: DeploymentHandle):
+    def __init__(self, settings: dict, token_sha256: str):
         self.settings = Settings(**settings)
         self.rules = ProfileRules.from_settings(self.settings)
         # Only a digest of the token reaches the replicas: it never sits in their
@@ -110,8 +109,21 @@ class Ingress:
         self.token_sha256 = token_sha256
         self.store = open_store(settings=self.settings)
         self.fleet = Fleet.start(self.settings, self.store)
-        self.recommender = recommender
+        self.recommender = RecommenderCore(self.settings, self.fleet)
+        self.recommender.load_catalog()
+        self._refresher: asyncio.Task | None = None
         self.metrics = ApiMetrics()
+
+    def _keep_recommender_fresh(self) -> None:
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self.recommender.keep_fresh())
+
+    async def _recommender_ready(self) -> RecommenderCore:
+        """The recommender with its signals pulled at least once, refreshing from then on."""
+        self._keep_recommender_fresh()
+        if self.recommender.signals_loaded_at == 0.0:
+            await self.recommender.load_signals()
+        return self.recommender
 
     # --- auth ---
     def check_token(self, authorization: str | None, *, read: bool) -> None:
@@ -203,9 +215,8 @@ class Ingress:
         self.check_token(authorization, read=True)
         _valid_id(user_id, "user_id")
         record = await self._read_profiles(user_id)
-        result = await self.recommender.recommend.remote(
-            user_id, record, k, topic or None, exclude_seen
-        )
+        recommender = await self._recommender_ready()
+        result = recommender.recommend(user_id, record, k, topic or None, exclude_seen)
         self.metrics.request("recommendations", 200, started, variant=result["variant"])
         return JSONResponse(result)
 
@@ -360,7 +371,10 @@ class Ingress:
         await asyncio.to_thread(
             self.store.upsert_items, {item["item_id"]: encode_item(item) for item in items}
         )
-        await self.recommender.refresh_now.remote()
+        # This replica's recommender sees the upload now; others on their next
+        # catalog refresh (catalog_refresh_s).
+        await self.recommender.refresh_now()
+        self._keep_recommender_fresh()
         self.metrics.request("items_put", 200, started)
         return {"upserted": len(items)}
 
@@ -383,15 +397,16 @@ def token_digest(settings: Settings) -> str:
     return hashlib.sha256(settings.api_token.encode()).hexdigest() if settings.api_token else ""
 
 
-def build_app(args: dict | None = None):
+def build_app(args: dict | None = None, *, replicas: int | None = None):
     """Serve application builder: `serve run serving.app:build_app` or serve.yaml's import_path.
 
     ``args`` may override settings (e.g. {"store_url": ...}); the rest come from
-    PERSONA_* variables where the application is built."""
+    PERSONA_* variables where the application is built. ``replicas`` fixes the
+    ingress replica count (benchmarks); deployments otherwise take serve.yaml's."""
     settings = load_settings(**(args or {}))
     public = dataclasses.asdict(dataclasses.replace(settings, api_token=""))
-    recommender = Recommender.bind(public)
-    return Ingress.bind(public, token_digest(settings), recommender)
+    ingress = Ingress if replicas is None else Ingress.options(num_replicas=replicas)
+    return ingress.bind(public, token_digest(settings))
 
 
 def __getattr__(name: str):

@@ -1,9 +1,11 @@
-"""Recommender: a Serve deployment holding the catalog as arrays and the merged item signals.
+"""The recommender each ingress replica holds: the catalog as arrays and the merged
+item signals, refreshed in the background.
 
 The catalog is loaded from the store and reloaded on an interval; trending and
-the co-engagement graph are pulled from every shard on a shorter interval. The
-ingress passes the user's profile along, so a recommendation costs no extra
-shard call here.
+the co-engagement graph are pulled from every shard on a shorter interval. It
+lives inside the ingress replica rather than in a deployment of its own: ranking
+takes ~0.3 ms, a Serve hop to another replica costs several times that (see
+README, "Design changes").
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-
-from ray import serve
 
 from actors.catalog import decode_item
 from actors.fleet import Fleet
@@ -55,8 +55,32 @@ class RecommenderCore:
         snapshots = await asyncio.gather(
             *(s.item_signals.remote(now) for s in self.fleet.shards.values())
         )
-        self.signals = Signals.build(merge_snapshots(snapshots), self.catalog)
+        # Merging and indexing take a while for a big catalog: off the event loop,
+        # so that requests keep being answered meanwhile.
+        catalog = self.catalog
+        self.signals = await asyncio.to_thread(
+            lambda: Signals.build(merge_snapshots(snapshots), catalog)
+        )
         self.signals_loaded_at = time.monotonic()
+
+    async def refresh_now(self) -> dict:
+        """Reload catalog and signals immediately (after a catalog upload)."""
+        items = await asyncio.to_thread(self.load_catalog)
+        await self.load_signals()
+        return {"items": items, "trending": len(self.signals.trending)}
+
+    async def keep_fresh(self) -> None:
+        """Reload the catalog and pull signals on their intervals, forever; a failed
+        refresh keeps serving the last good data."""
+        settings = self.settings
+        while True:
+            try:
+                if time.monotonic() - self.catalog_loaded_at >= settings.catalog_refresh_s:
+                    await asyncio.to_thread(self.load_catalog)
+                await self.load_signals()
+            except Exception:
+                log.exception("recommender refresh failed")
+            await asyncio.sleep(settings.signals_refresh_s)
 
     def recommend(
         self, user_id: str, profile: dict | None, k: int, topic: str | None, exclude_seen: bool
@@ -79,41 +103,3 @@ class RecommenderCore:
             "cold_start": profile is None,
             "items": items,
         }
-
-
-@serve.deployment(name="Recommender", max_ongoing_requests=64)
-class Recommender:
-    def __init__(self, settings: dict):
-        self.core = RecommenderCore(Settings(**settings))
-        self.core.load_catalog()
-        self._refresher: asyncio.Task | None = None
-
-    def _ensure_refresher(self) -> None:
-        if self._refresher is None or self._refresher.done():
-            self._refresher = asyncio.get_running_loop().create_task(self._refresh())
-
-    async def _refresh(self) -> None:
-        settings = self.core.settings
-        while True:
-            try:
-                if time.monotonic() - self.core.catalog_loaded_at >= settings.catalog_refresh_s:
-                    await asyncio.to_thread(self.core.load_catalog)
-                await self.core.load_signals()
-            except Exception:  # keep serving the last good data
-                log.exception("recommender refresh failed")
-            await asyncio.sleep(settings.signals_refresh_s)
-
-    async def recommend(
-        self, user_id: str, profile: dict | None, k: int, topic: str | None, exclude_seen: bool
-    ) -> dict:
-        self._ensure_refresher()
-        if self.core.signals_loaded_at == 0.0:
-            await self.core.load_signals()
-        return self.core.recommend(user_id, profile, k, topic, exclude_seen)
-
-    async def refresh_now(self) -> dict:
-        """Reload catalog and signals immediately (after a bulk catalog upload)."""
-        self._ensure_refresher()
-        items = await asyncio.to_thread(self.core.load_catalog)
-        await self.core.load_signals()
-        return {"items": items, "trending": len(self.core.signals.trending)}
