@@ -9,6 +9,7 @@ each shard's snapshot (scores decayed to a common "now") and adds them up.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable, Sequence
 
@@ -41,6 +42,7 @@ class ItemStats:
         self._pending_pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending = 0
         self._code_weights: np.ndarray | None = None
+        self._snapshot: tuple[float, dict] | None = None
 
     def _rebase(self, ts: float) -> None:
         self.flush()
@@ -53,6 +55,7 @@ class ItemStats:
     def observe(self, events: Sequence[Sequence], previous: Sequence[tuple]) -> None:
         """Record one user's events; ``previous`` is the user's recent (ts, item, code)
         sequence before them, so pairs span batch boundaries."""
+        self._snapshot = None
         positive = self.positive
         ordered = events if len(events) == 1 else sorted(events, key=_event_time)
         # The last three engagements before each event, as (ts, item, ...) tuples.
@@ -109,6 +112,7 @@ class ItemStats:
         into ``names``. Same pairs as ``observe``: each engagement, in time order per
         user, is linked to the three entries before it within the window."""
         self._names = names
+        self._snapshot = None
         if self.t0 is None:
             self.t0 = float(ts[0])
         newest = float(ts.max())
@@ -215,17 +219,27 @@ class ItemStats:
         return {"t0": self.t0, "trending": self.trending, "graph": self.graph}
 
     def restore(self, state: dict | None) -> None:
+        self._snapshot = None
         if state:
             self.t0, self.trending, self.graph = state["t0"], state["trending"], state["graph"]
 
     def snapshot(self, now: float) -> dict:
-        """Trending (top items) and top-M neighbours, decayed to ``now``."""
+        """Trending (top items) and top-M neighbours, decayed to ``now``. The last
+        snapshot is kept: every recommender replica asks for the same ``now`` within
+        a refresh interval, and building one takes a while for a big catalog."""
+        if self._snapshot is not None and self._snapshot[0] == now:
+            return self._snapshot[1]
+        snapshot = self._build_snapshot(now)
+        self._snapshot = (now, snapshot)
+        return snapshot
+
+    def _build_snapshot(self, now: float) -> dict:
         self.flush()
         if self.t0 is None:
             return {"trending": {}, "graph": {}}
         trend = math.exp(max(-745.0, -self.trend_rate * (now - self.t0)))
         pair = math.exp(max(-745.0, -self.pair_rate * (now - self.t0)))
-        top = sorted(self.trending.items(), key=lambda kv: -kv[1])[:SNAPSHOT_TRENDING]
+        top = heapq.nlargest(SNAPSHOT_TRENDING, self.trending.items(), key=_score)
         return {
             "trending": {i: s * trend for i, s in top},
             "graph": {
@@ -236,6 +250,10 @@ class ItemStats:
                 for i, nb in self.graph.items()
             },
         }
+
+
+def _score(entry: tuple[str, float]) -> float:
+    return entry[1]
 
 
 def _event_time(event: Sequence) -> float:

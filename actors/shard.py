@@ -27,6 +27,16 @@ log = logging.getLogger(__name__)
 CHECKPOINT_RETRY_MAX_S = 30.0
 
 
+@dataclasses.dataclass
+class Prefetched:
+    """What a batch's prefetch learnt: users the store did not hold, as of these
+    partition epochs and this many evictions."""
+
+    absent: set[str]
+    epochs: dict[int, int]
+    evicted: int
+
+
 class ProfileShard:
     def __init__(self, name: str, settings: dict, partitions: int):
         self.settings = Settings(**settings)
@@ -94,12 +104,13 @@ class ProfileShard:
             self._pending_writes -= 1
 
     async def _apply_batch(self, batch_id: str, events, validated: bool) -> dict:
+        looked_up = await self._prefetch(events) if validated else None
         async with self._write_lock:
             for attempt in range(2):
                 prepared = self.state.prepare(batch_id, events, validated=validated)
                 if isinstance(prepared, Ack):
                     return prepared.as_dict()
-                await self._load_for(prepared)
+                await self._load_for(prepared, looked_up)
                 try:
                     await asyncio.to_thread(self.state.append, prepared)
                 except JournalConflict:
@@ -115,25 +126,44 @@ class ProfileShard:
             asyncio.get_running_loop().create_task(self._checkpoint_quietly())
         return ack.as_dict()
 
-    async def _load_for(self, batch: PreparedBatch) -> None:
+    async def _load_for(self, batch: PreparedBatch, looked_up: Prefetched | None) -> None:
         state = self.state
-        missing = state.missing_users(batch.users)
-        items = {e[1] for e in batch.events}
-        if missing:
-            state.totals["load_misses"] += len(missing)
-            state.install(await asyncio.to_thread(state.fetch_profiles, missing))
-        if any(i not in state.item_vectors for i in items):
-            state.install_item_vectors(await asyncio.to_thread(state.fetch_item_vectors, items))
+        users = batch.users
+        if looked_up is not None and looked_up.evicted == state.totals["evicted"]:
+            # Users the prefetch found absent from the store are still absent if their
+            # partition has not changed hands since (only the owner writes them) and
+            # nothing was evicted (eviction writes users and drops them from memory).
+            owned = state.owned
+            users = [
+                u
+                for u in users
+                if u not in looked_up.absent
+                or owned.get(p := state.partition(u)) != looked_up.epochs.get(p)
+            ]
+        await state.load(users)
+        await state.load_item_vectors(e[1] for e in batch.events)
+
+    async def _prefetch(self, events) -> Prefetched:
+        """Before queueing for the write lock, read what a pre-validated batch needs
+        from the store, so that the next batch's reads overlap this one's journal
+        append. Whatever is still missing under the lock is read there."""
+        state = self.state
+        epochs, evicted = dict(state.owned), state.totals["evicted"]
+        users = {e[0] for e in events}
+        absent = await state.load([u for u in users if state.partition(u) in epochs])
+        await state.load_item_vectors(e[1] for e in events)
+        return Prefetched(absent=set(absent), epochs=epochs, evicted=evicted)
 
     async def delete_user(self, user_id: str) -> bool:
         """Privacy delete: journal it, drop it from memory and store, leave a tombstone."""
         async with self._write_lock, self._checkpoint_lock:
             await asyncio.to_thread(self.state.journal_delete, user_id)
-            existed = self.state.forget_user(user_id)
             stored = await asyncio.to_thread(self.state.store.get_profiles, [user_id])
             await asyncio.to_thread(self.state.store.delete_profiles, [user_id])
             await asyncio.to_thread(self.state.store.add_tombstones, {user_id: time.time()})
-            return existed or bool(stored)
+            # Forgotten after the store delete: a load that read the old row is either
+            # installed before this (and dropped here) or after it (and refused).
+            return self.state.forget_deleted(user_id) or bool(stored)
 
     # --- reads ---
     async def get_profiles(self, user_ids: list[str]) -> dict:
@@ -144,8 +174,7 @@ class ProfileShard:
         partition = {u: state.partition(u) for u in user_ids}
         missing = state.missing_users(u for u in user_ids if partition[u] in state.owned)
         if missing:
-            state.totals["load_misses"] += len(missing)
-            state.install(await asyncio.to_thread(state.fetch_profiles, missing))
+            await state.load(missing)
         # Ownership is read after the load: a partition handed over while the store was
         # read is the new owner's to answer.
         moved = [u for u in user_ids if partition[u] not in state.owned]

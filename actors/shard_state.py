@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 # Profiles encoded between yields to the event loop during a checkpoint (~30 ms of
 # encoding), and written per store call.
 CHECKPOINT_CHUNK = 5_000
+# Deleted users remembered for loads in flight (far more than can be in flight).
+DELETES_REMEMBERED = 10_000
 # Item vectors cached per shard for the interest embedding; bounded, cleared when full.
 ITEM_CACHE_LIMIT = 200_000
 
@@ -93,7 +95,12 @@ class ShardState:
         self.owned: dict[int, int] = {}
         self.last_seq = 0  # last journal position written (and applied)
         self.checkpoint_seq = 0
-        self.item_vectors: dict[str, np.ndarray | None] = {}
+        self.item_vectors: dict[str, np.ndarray] = {}
+        self.items_checked: set[str] = set()
+        # Deletes so far, and the count at each recent user's delete: a load that began
+        # before a user's delete must not make the user resident again.
+        self.deletes = 0
+        self.deleted_at: OrderedDict[str, int] = OrderedDict()
         self.item_stats = ItemStats(settings, settings.action_weights)
         self.totals = {
             "applied": 0,
@@ -182,7 +189,7 @@ class ShardState:
         self.load_missing(touched)
         for seq, row in rows:
             if "delete" in row:
-                self.forget_user(row["delete"])
+                self.forget_deleted(row["delete"])
                 self.store.delete_profiles([row["delete"]])
             else:
                 events = row["events"]
@@ -211,24 +218,47 @@ class ShardState:
                 raise
         return loaded
 
-    def install(self, loaded: Mapping[str, Profile]) -> None:
-        """Make loaded profiles resident unless a newer copy got there first, or their
+    def install(self, loaded: Mapping[str, Profile], since: int | None = None) -> None:
+        """Make loaded profiles resident unless a newer copy got there first, their
         partition was handed over while they were being read (a stale copy kept here
-        would shadow the new owner's writes if the partition ever came back)."""
+        would shadow the new owner's writes if the partition ever came back), or
+        they were deleted after deletion count ``since`` (when the read began)."""
         for user, profile in loaded.items():
-            if user not in self.table and self.partition(user) in self.owned:
-                self.table.put(profile)
-                self.totals["loaded"] += 1
+            if user in self.table or self.partition(user) not in self.owned:
+                continue
+            if since is not None and self.deleted_at.get(user, -1) > since:
+                continue  # read before a delete landed: it must not come back
+            self.table.put(profile)
+            self.totals["loaded"] += 1
 
     def load_missing(self, user_ids: Iterable[str]) -> None:
         self.install(self.fetch_profiles(self.missing_users(user_ids)))
+
+    async def load(self, user_ids: Iterable[str]) -> list[str]:
+        """load_missing with the store read off the event loop; other calls (applies,
+        deletes) run meanwhile. Returns the users the store does not hold."""
+        missing = self.missing_users(user_ids)
+        if not missing:
+            return []
+        self.totals["load_misses"] += len(missing)
+        since = self.deletes
+        loaded = await asyncio.to_thread(self.fetch_profiles, missing)
+        self.install(loaded, since)
+        return [u for u in missing if u not in loaded]
+
+    async def load_item_vectors(self, item_ids: Iterable[str]) -> None:
+        """Cache the catalog embeddings of items not looked up before (off the loop)."""
+        checked = self.items_checked
+        unknown = {i for i in item_ids if i not in checked}
+        if unknown:
+            self.install_item_vectors(await asyncio.to_thread(self.fetch_item_vectors, unknown))
 
     def touch(self, user_ids: Iterable[str]) -> None:
         """Mark users as recently used (they move to the back of the eviction order)."""
         self.table.touch(user_ids)
 
     def fetch_item_vectors(self, item_ids: Iterable[str]) -> dict[str, np.ndarray | None]:
-        unknown = [i for i in set(item_ids) if i not in self.item_vectors]
+        unknown = [i for i in set(item_ids) if i not in self.items_checked]
         if not unknown:
             return {}
         found = {
@@ -238,9 +268,13 @@ class ShardState:
         return {i: found.get(i) for i in unknown}
 
     def install_item_vectors(self, vectors: Mapping[str, np.ndarray | None]) -> None:
-        if len(self.item_vectors) + len(vectors) > ITEM_CACHE_LIMIT:
+        """Remember which items were looked up, and the vectors of those that have one
+        (only those reach the profile update: most catalogs embed few or no items)."""
+        if len(self.items_checked) + len(vectors) > ITEM_CACHE_LIMIT:
+            self.items_checked.clear()
             self.item_vectors.clear()
-        self.item_vectors.update(vectors)
+        self.items_checked.update(vectors)
+        self.item_vectors.update((i, v) for i, v in vectors.items() if v is not None)
 
     # --- applying ---
     def remember(self, batch_id: str, partitions: Iterable[int]) -> None:
@@ -352,6 +386,15 @@ class ShardState:
     # --- deleting ---
     def forget_user(self, user_id: str) -> bool:
         return self.table.remove(user_id)
+
+    def forget_deleted(self, user_id: str) -> bool:
+        """Forget a user that is being deleted, so that loads in flight drop it too."""
+        self.deletes += 1
+        self.deleted_at[user_id] = self.deletes
+        self.deleted_at.move_to_end(user_id)
+        while len(self.deleted_at) > DELETES_REMEMBERED:
+            self.deleted_at.popitem(last=False)
+        return self.forget_user(user_id)
 
     def journal_delete(self, user_id: str) -> int:
         """Journal a delete, fenced like any write: only the owner may delete."""

@@ -126,6 +126,42 @@ def _unpickled(batch: list[tuple]) -> list[tuple]:
 # --- end-to-end ingest ---------------------------------------------------------------
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def process_cpu(groups: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds used so far by each named group of processes, and by the local
+    Cassandra node (a JVM) if one runs here; from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def seconds(pids) -> float:
+        total = 0
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+            except OSError:
+                pass
+        return total / tick
+
+    jvm = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"CassandraDaemon" in f.read():
+                        jvm.append(int(entry))
+            except OSError:
+                pass
+    return {**{name: seconds(pids) for name, pids in groups.items()}, "cassandra": seconds(jvm)}
+
+
 def bench_ingest(args) -> dict:
     import ray
 
@@ -153,9 +189,16 @@ def bench_ingest(args) -> dict:
         await asyncio.gather(*(one(n, b) for n, b in enumerate(batches)))
         return dict(totals)
 
+    shard_pids = [ray.get(h.pid.remote()) for h in fleet.shards.values()]
+    groups = {"fleet (validation, routing)": [os.getpid()], "shards": shard_pids}
+    busy_before, total_before = machine_cpu()
+    cpu_before = process_cpu(groups)
     start = time.perf_counter()
     totals = asyncio.run(run())
     seconds = time.perf_counter() - start
+    busy_after, total_after = machine_cpu()
+    cpu_after = process_cpu(groups)
+    busy = (busy_after - busy_before) / max(1, total_after - total_before)
     read_ms = []
     names = [f"user-{n}" for n in range(args.users)]
     rng = random.Random(3)
@@ -176,6 +219,14 @@ def bench_ingest(args) -> dict:
         "events": len(events),
         "seconds": seconds,
         "events_per_s": totals["applied"] / seconds,
+        # How busy the whole machine was (all cores): near 1.0 means the figure is
+        # bounded by CPU, and busy * cores / events_per_s is the CPU cost per event.
+        "machine_busy": busy,
+        "cpu_us_per_event": busy * (os.cpu_count() or 1) * seconds / totals["applied"] * 1e6,
+        "cpu_us_per_event_by_process": {
+            name: (cpu_after[name] - cpu_before[name]) / totals["applied"] * 1e6
+            for name in cpu_after
+        },
         "read_p50_ms": read_ms[len(read_ms) // 2] if read_ms else None,
         "read_p99_ms": read_ms[int(len(read_ms) * 0.99)] if read_ms else None,
         **totals,

@@ -35,22 +35,30 @@ class Catalog:
 
     @classmethod
     def from_records(cls, records: Iterable[dict]) -> Catalog:
-        records = list(records)
-        ids = [r["item_id"] for r in records]
-        dims = {len(r["embedding"]) for r in records if r.get("embedding")}
-        dim = max(dims) if dims else 0
-        vectors = np.zeros((len(records), dim), dtype=np.float32)
-        for row, record in enumerate(records):
+        """One pass over the records, keeping only what ranking needs: a catalog of
+        100k items decodes ~2M short-lived objects, and holding them all at once made
+        the replica's garbage collector pause requests for 100+ ms."""
+        ids: list[str] = []
+        topics: list[tuple[str, ...]] = []
+        created: list[float] = []
+        embeddings: list[np.ndarray | None] = []
+        for record in records:
+            ids.append(record["item_id"])
+            topics.append(tuple(record.get("topics", ())))
+            created.append(record.get("created_at", 0.0))
             embedding = record.get("embedding")
-            if embedding and len(embedding) == dim:
-                vector = np.asarray(embedding, dtype=np.float32)
+            embeddings.append(np.asarray(embedding, dtype=np.float32) if embedding else None)
+        dim = max((len(e) for e in embeddings if e is not None), default=0)
+        vectors = np.zeros((len(ids), dim), dtype=np.float32)
+        for row, vector in enumerate(embeddings):
+            if vector is not None and len(vector) == dim:
                 norm = float(np.linalg.norm(vector))
                 if norm > 0:
                     vectors[row] = vector / norm
-        created_at = np.asarray([r.get("created_at", 0.0) for r in records], dtype=np.float64)
+        created_at = np.asarray(created, dtype=np.float64)
         return cls(
             ids=ids,
-            topics=[tuple(r.get("topics", ())) for r in records],
+            topics=topics,
             created_at=created_at,
             vectors=vectors,
             index={item: row for row, item in enumerate(ids)},

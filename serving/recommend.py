@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 from actors.catalog import decode_item
@@ -37,7 +38,7 @@ class RecommenderCore:
         self.signals_loaded_at = 0.0
 
     def load_catalog(self) -> int:
-        records = [decode_item(i, blob) for i, blob in self.store.scan_items()]
+        records = (decode_item(i, blob) for i, blob in self.store.scan_items())
         self.catalog = Catalog.from_records(records)
         self.signals = Signals.build(
             {"trending": self.signals.trending, "graph": self.signals.graph}, self.catalog
@@ -51,7 +52,10 @@ class RecommenderCore:
         else:
             # The shard set may have been scaled since the last pull.
             await self.fleet.refresh_async()
-        now = time.time()
+        # Replicas ask for the same instant within an interval, so a shard computes
+        # one snapshot per interval however many replicas pull it.
+        interval = self.settings.signals_refresh_s
+        now = math.floor(time.time() / interval) * interval if interval > 0 else time.time()
         snapshots = await asyncio.gather(
             *(s.item_signals.remote(now) for s in self.fleet.shards.values())
         )
