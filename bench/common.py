@@ -11,6 +11,14 @@ T0 = time.time() - 30 * 86_400
 ACTIONS = ["view"] * 14 + ["click"] * 4 + ["save", "like", "hide"]
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def start_local_ray(namespace: str | None = None) -> None:
     """A new single-machine Ray for this benchmark process (never an existing cluster)."""
     import ray

@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 
-from bench.common import as_dicts, start_local_ray, store_url, synthetic_events
+from bench.common import as_dicts, machine_cpu, start_local_ray, store_url, synthetic_events
 
 SERVE_PORT = 8000
 CEILING_PORT = 8101
@@ -55,8 +55,15 @@ def run_wrk(url: str, script: str, connections: int, seconds: int, threads: int 
         f.name,
         url,
     ]
+    busy_before, total_before = machine_cpu()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return {**parse_wrk(out), "connections": connections}
+    busy_after, total_after = machine_cpu()
+    figures = {**parse_wrk(out), "connections": connections}
+    busy = (busy_after - busy_before) / max(1, total_after - total_before)
+    figures["machine_busy"] = busy
+    # CPU the whole machine spent per request (wrk's own share included).
+    figures["cpu_ms_per_request"] = busy * (os.cpu_count() or 1) * 1000 / figures["req_per_s"]
+    return figures
 
 
 def read_script(path: str, users: int) -> str:
