@@ -331,6 +331,83 @@ class ProfileTable:
         self.clock += 1
         self.used[row] = self.clock
 
+    def put_records(self, records: Sequence[dict]) -> None:
+        """Make stored records resident (replacing any rows the users had), filling
+        the arrays for all of them at once: recovery and cold reads load users by the
+        thousand. Records in another shape (the list form, other action names, more
+        topics or recent actions than this table holds) go through ``put``."""
+        rules = self.rules
+        actions, top_k, recent_n = list(rules.actions), rules.top_k, rules.recent_n
+        fast, other = [], []
+        for record in records:
+            if (
+                record.get("s") == 2
+                and record["an"] == actions
+                and len(record["tn"]) <= top_k
+                and len(record["ri"]) <= recent_n
+            ):
+                fast.append(record)
+            else:
+                other.append(record)
+        for record in other:
+            self.put(Profile.from_record(record, rules))
+        if not fast:
+            return
+        users = [r["u"] for r in fast]
+        if len(set(users)) != len(users):  # the last copy of a user wins, as with put
+            last = {u: n for n, u in enumerate(users)}
+            fast = [r for n, r in enumerate(fast) if last[r["u"]] == n]
+            users = [r["u"] for r in fast]
+        rows = self._rows_for(users)
+        for name in ARRAYS:
+            getattr(self, name)[rows] = 0
+        for row in rows.tolist():
+            self.hidden.pop(row, None)
+            self.embedding.pop(row, None)
+        scalars = np.frombuffer(b"".join(r["x"] for r in fast), dtype=SCALARS)
+        self.events[rows], self.version[rows] = scalars["n"], scalars["v"]
+        self.position[rows] = scalars["p"]
+        self.first_seen[rows], self.last_seen[rows] = scalars["f"], scalars["l"]
+        self.t0[rows] = np.nan_to_num(scalars["t0"], nan=0.0)
+        self.counts[rows] = np.frombuffer(b"".join(r["c"] for r in fast), dtype="<i4").reshape(
+            len(fast), len(actions)
+        )
+        self.journal[rows] = [0 if r["j"] is None else self.journals.add(r["j"]) for r in fast]
+        # Topics and recent actions: flattened across records, then scattered to slots.
+        n_topics = np.fromiter((len(r["tn"]) for r in fast), dtype=np.int64, count=len(fast))
+        if n_topics.sum():
+            at, slot = _slots(rows, n_topics)
+            self.topic_ids[at, slot] = self.topics.encode([t for r in fast for t in r["tn"]])
+            self.topic_scores[at, slot] = np.frombuffer(
+                b"".join(r["tv"] for r in fast), dtype=np.float64
+            )
+        self.n_topics[rows] = n_topics
+        n_recent = np.fromiter((len(r["ri"]) for r in fast), dtype=np.int64, count=len(fast))
+        if n_recent.sum():
+            at, slot = _slots(rows, n_recent)
+            ts = np.frombuffer(b"".join(r["rt"] for r in fast), dtype=np.float64)
+            items = self.items.encode([i for r in fast for i in r["ri"]])
+            self.recent_ts[at, slot] = ts
+            self.recent_item[at, slot] = items
+            self.recent_code[at, slot] = np.frombuffer(
+                b"".join(r["ra"] for r in fast), dtype=np.uint8
+            )
+            # Stored recent actions are in time order: the last CONTEXT are the context
+            # (entry at slot s of n goes to context slot CONTEXT - n + s).
+            n_of = np.repeat(n_recent, n_recent)
+            tail = slot >= n_of - CONTEXT
+            self.context_ts[at[tail], CONTEXT - n_of[tail] + slot[tail]] = ts[tail]
+            self.context_item[at[tail], CONTEXT - n_of[tail] + slot[tail]] = items[tail]
+        self.n_recent[rows] = n_recent
+        for row, record in zip(rows.tolist(), fast, strict=True):
+            if record.get("h"):
+                self.hidden[row] = dict(record["h"])
+            if record.get("e") is not None:
+                vector = np.asarray(record["e"], dtype=np.float64)
+                self.embedding[row] = (vector, record["ew"])
+        self.clock += 1
+        self.used[rows] = self.clock
+
     def _rows_for(self, users: Sequence[str]) -> np.ndarray:
         """Each user's row, creating rows for users not resident yet."""
         get = self.rows.get
@@ -682,6 +759,13 @@ class ProfileTable:
             if len(vector) == len(current[0]):
                 current[0][...] += amount * vector
                 self.embedding[row] = (current[0], current[1] + amount)
+
+
+def _slots(rows: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, slot) for each of counts[i] entries of rows[i], in order."""
+    at = np.repeat(rows, counts)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return at, np.arange(len(at)) - starts
 
 
 def _everything(values: np.ndarray) -> np.ndarray:

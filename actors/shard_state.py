@@ -31,7 +31,7 @@ import numpy as np
 from actors.catalog import decode_item, item_vector
 from actors.events import EventValidator, ValidEvent
 from actors.item_stats import ItemStats
-from actors.profile import Profile, ProfileRules
+from actors.profile import ProfileRules
 from actors.profile_table import ProfileTable
 from actors.routing import partition_of
 from persona.errors import CorruptRecord, JournalConflict, StaleEpoch
@@ -203,33 +203,35 @@ class ShardState:
         table = self.table
         return [u for u in user_ids if u not in table]
 
-    def fetch_profiles(self, user_ids: list[str]) -> dict[str, Profile]:
-        """Read and decode users from the store (blocking I/O, no memory changes)."""
+    def fetch_profiles(self, user_ids: list[str]) -> dict[str, dict]:
+        """Read and decode users' stored records (blocking I/O, no memory changes)."""
         if not user_ids:
             return {}
         loaded = {}
         for user, blob in self.store.get_profiles(user_ids).items():
             try:
-                loaded[user] = Profile.from_record(
-                    codec.decode(blob, what=f"profile {user}"), self.rules
-                )
+                loaded[user] = codec.decode(blob, what=f"profile {user}")
             except CorruptRecord:
                 log.exception("profile %s is corrupt in the store; not loaded", user)
                 raise
         return loaded
 
-    def install(self, loaded: Mapping[str, Profile], since: int | None = None) -> None:
-        """Make loaded profiles resident unless a newer copy got there first, their
+    def install(self, loaded: Mapping[str, dict], since: int | None = None) -> None:
+        """Make loaded records resident unless a newer copy got there first, their
         partition was handed over while they were being read (a stale copy kept here
         would shadow the new owner's writes if the partition ever came back), or
         they were deleted after deletion count ``since`` (when the read began)."""
-        for user, profile in loaded.items():
-            if user in self.table or self.partition(user) not in self.owned:
-                continue
-            if since is not None and self.deleted_at.get(user, -1) > since:
-                continue  # read before a delete landed: it must not come back
-            self.table.put(profile)
-            self.totals["loaded"] += 1
+        table, owned, deleted = self.table, self.owned, self.deleted_at
+        fresh = [
+            record
+            for user, record in loaded.items()
+            if user not in table
+            and self.partition(user) in owned
+            # read before a delete landed: it must not come back
+            and (since is None or deleted.get(user, -1) <= since)
+        ]
+        table.put_records(fresh)
+        self.totals["loaded"] += len(fresh)
 
     def load_missing(self, user_ids: Iterable[str]) -> None:
         self.install(self.fetch_profiles(self.missing_users(user_ids)))

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import machine_cpu
 from persona.settings import load_settings
 
 HERE = Path(__file__).resolve().parent
@@ -52,9 +53,24 @@ def sizes(quick: bool) -> dict:
     }
 
 
+def wait_for_quiet(busy_below: float = 0.25, longest: float = 90.0) -> float:
+    """Wait until the machine is mostly idle (the Cassandra node flushing or
+    compacting after the last benchmark, Ray processes exiting), so that one
+    benchmark's aftermath is not charged to the next. Returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < longest:
+        busy_before, total_before = machine_cpu()
+        time.sleep(2.0)
+        busy_after, total_after = machine_cpu()
+        if (busy_after - busy_before) / max(1, total_after - total_before) < busy_below:
+            break
+    return time.monotonic() - started
+
+
 def run_module(module: str, *args: str, timeout: float = 1800) -> dict:
     command = [sys.executable, "-m", module, *args]
-    print(f"$ {' '.join(['python', '-m', module, *args])}", flush=True)
+    settled = wait_for_quiet()
+    print(f"$ {' '.join(['python', '-m', module, *args])}  (settled {settled:.0f} s)", flush=True)
     started = time.monotonic()
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent

@@ -135,6 +135,39 @@ def test_round_trip_through_both_record_forms(ties):
         assert table.get(user).recent == sorted(table.get(user).recent)
 
 
+def test_bulk_loading_records_equals_loading_them_one_by_one():
+    rules = ProfileRules.from_settings(SMALL)
+    rng = random.Random(17)
+    table = ProfileTable(rules)
+    vectors = {f"i{n}": np.array([1.0, float(n)]) for n in range(0, 40, 3)}
+    for seq in range(1, 8):
+        batch = random_batch(rng, 200, users=40, spread=DAY, ties=seq % 2 == 0)
+        table.apply(batch, seq, "j", embeddings=vectors)
+    table.apply([("fresh", "i1", "view", T, (), 1.0)], 9, "j")
+    records = [codec.decode(blob) for blob in table.encode(list(table)).values()]
+    # Other shapes go one by one: the list form, and a record from a bigger config.
+    records.append(table.get("u1").to_record(rules) | {"u": "listed"})
+    bigger = ProfileTable(ProfileRules.from_settings(load_settings(recent_actions=30)))
+    bigger.apply([("big", f"i{n}", "view", T + n, (), 1.0) for n in range(20)], 1, "j")
+    records.append(codec.decode(bigger.encode(["big"])["big"]))
+    bulk, single = ProfileTable(rules), ProfileTable(rules)
+    bulk.put(Profile.from_record(records[0], rules))  # replaced by the bulk load
+    bulk.put_records(records)
+    for record in records:
+        single.put(Profile.from_record(record, rules))
+    assert set(bulk) == set(single)
+    for user in single:
+        assert bulk.get(user).to_record(rules) == single.get(user).to_record(rules), user
+    assert len(bulk.get("big").recent) == rules.recent_n
+
+    # The co-engagement context is the last three recent actions, as after a batch.
+    def context(t: ProfileTable, user: str) -> list[str]:
+        return [t.items.names[i] for i in t.context_item[t.rows[user]].tolist()]
+
+    for user in table:
+        assert context(bulk, user) == context(table, user), user
+
+
 def test_stored_counters_follow_action_names_when_the_config_changes():
     rules = ProfileRules.from_settings(SMALL)
     table = ProfileTable(rules)
