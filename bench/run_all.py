@@ -322,6 +322,16 @@ def measured_bounds(r: dict) -> list[str]:
             f"cost {ingest['cpu_us_per_event']:.1f} us of CPU in all ({parts}). "
             f"300,000 events/s on {cores} cores would need at most {cores * 1e6 / 300_000:.1f} us."
         )
+    checkpoint = r.get("checkpoint", {})
+    store_writes = _get(r, "store", "store_bench", "cassandra", "write_per_s", default=0)
+    if "encode_seconds" in checkpoint and store_writes:
+        out.append(
+            f"**Checkpoint**: writing {checkpoint['profiles']:,} profiles at the store's "
+            f"rate in this run ({store_writes:,.0f}/s, the JVM on the same cores) takes "
+            f"{checkpoint['profiles'] / store_writes:.1f} s by itself; encoding them takes "
+            f"{checkpoint['encode_seconds']:.1f} s of the same CPU, overlapped with the writes. "
+            f"Measured {checkpoint['seconds']:.1f} s."
+        )
     memory = [m for m in r.get("memory", []) if "dense_row_bytes" in m]
     if memory:
         m = memory[-1]
