@@ -670,7 +670,12 @@ class ProfileTable:
             bag = local[at]
             slot = bag.argmin(axis=1)
             oldest = bag[np.arange(len(at)), slot]
-            tie = (bag == ts[these, None]).any(axis=1)
+            # Only ties at the edge need the reference's (ts, item, action) order: a
+            # new entry as old as the oldest, or several oldest entries to pick from.
+            new_ts = ts[these]
+            tie = (new_ts == oldest) | (
+                (new_ts > oldest) & ((bag == oldest[:, None]).sum(axis=1) > 1)
+            )
             slow[group[these[tie]]] = True
             newer = ts[these] > oldest
             local[at[newer], slot[newer]] = ts[these[newer]]

@@ -25,6 +25,7 @@ import uuid
 from bench.common import as_dicts, machine_cpu, start_local_ray, store_url, synthetic_events
 
 SERVE_PORT = 8000
+BODIES = 30  # distinct 1,000-event bodies the POST run cycles through
 CEILING_PORT = 8101
 
 
@@ -75,11 +76,19 @@ end
 """
 
 
-def post_script(body: str) -> str:
+def post_script(bodies: list[str]) -> str:
+    """POSTs cycling through ``bodies`` (distinct events: one body sent over and over
+    would pile identical actions into every user's recent list)."""
+    table = ",\n".join(json.dumps(b) for b in bodies)
     return f"""
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = {json.dumps(body)}
+bodies = {{{table}}}
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, nil, nil, bodies[(counter % #bodies) + 1])
+end
 """
 
 
@@ -215,19 +224,22 @@ def main() -> None:
             args.seconds,
         )
         now = time.time()
-        body = json.dumps(
-            [
-                {
-                    "user_id": f"user-{rng.randrange(args.users)}",
-                    "item_id": f"item-{rng.randrange(args.items)}",
-                    "action": "view",
-                    "ts": now - rng.uniform(0, 86_400),
-                    "topics": [topics[rng.randrange(500)]],
-                }
-                for _ in range(1000)
-            ]
-        )
-        events_run = run_wrk(base_url + "/v1/events", post_script(body), 8, args.seconds)
+        bodies = [
+            json.dumps(
+                [
+                    {
+                        "user_id": f"user-{rng.randrange(args.users)}",
+                        "item_id": f"item-{rng.randrange(args.items)}",
+                        "action": "view",
+                        "ts": now - rng.uniform(0, 86_400),
+                        "topics": [topics[rng.randrange(500)]],
+                    }
+                    for _ in range(1000)
+                ]
+            )
+            for _ in range(BODIES)
+        ]
+        events_run = run_wrk(base_url + "/v1/events", post_script(bodies), 8, args.seconds)
         events_run["events_per_s"] = events_run["req_per_s"] * 1000
         results["events_1000"] = events_run
         results["profile_to_ceiling"] = (
