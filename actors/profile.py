@@ -13,7 +13,6 @@ and nothing a ranking depends on overflows or underflows.
 from __future__ import annotations
 
 import math
-import struct
 import sys
 from bisect import insort
 from collections.abc import Iterable, Sequence
@@ -23,8 +22,11 @@ import numpy as np
 
 from persona.settings import Settings
 
-# The scalars of a stored (columnar) record: first/last seen, t0, events, version, position.
-_SCALARS = struct.Struct("<3d3q")
+# The scalars of a stored (columnar) record, packed little-endian in its "x" field:
+# first/last seen, t0 (NaN for none), events, version, journal position.
+STORED_SCALARS = np.dtype(
+    [("f", "<f8"), ("l", "<f8"), ("t0", "<f8"), ("n", "<i8"), ("v", "<i8"), ("p", "<i8")]
+)
 # Rebase when rate*(t - t0) exceeds this: e^200 ~ 7e86 stays far from float overflow
 # (e^709), and scores older than e^-200 relative to new ones are truly negligible.
 REBASE_EXPONENT = 200.0
@@ -174,7 +176,8 @@ class Profile:
             if count and action in rules.actions:  # an action removed from config: dropped
                 profile.counts[rules.code(action)] = count
         if "x" in record:
-            first, last, t0, events, version, position = _SCALARS.unpack(record["x"])
+            x = np.frombuffer(record["x"], dtype=STORED_SCALARS)[0].item()
+            first, last, t0, events, version, position = x
             record = {**record, "f": first, "l": last, "n": events, "v": version, "p": position}
             record["t0"] = None if math.isnan(t0) else t0
         profile.first_seen, profile.last_seen = record["f"], record["l"]

@@ -27,16 +27,19 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from actors.profile import HIDE, REBASE_EXPONENT, Profile, ProfileRules, apply_events
+from actors.profile import (
+    HIDE,
+    REBASE_EXPONENT,
+    STORED_SCALARS,
+    Profile,
+    ProfileRules,
+    apply_events,
+)
 from storage import codec
 
 # The exponent floor every reference computation uses (exp(-745) is the smallest double).
 EXP_FLOOR = -745.0
 CONTEXT = 3  # recent engagements a new one is paired with (co-engagement)
-# A stored record's scalars, packed in one little-endian bytes field ("x").
-SCALARS = np.dtype(
-    [("f", "<f8"), ("l", "<f8"), ("t0", "<f8"), ("n", "<i8"), ("v", "<i8"), ("p", "<i8")]
-)
 # The per-row arrays (a row's whole state apart from its rare hidden items and embedding).
 ARRAYS = (
     "counts", "first_seen", "last_seen", "t0", "events", "version", "position", "journal",
@@ -136,11 +139,13 @@ class ProfileTable:
         self.free.extend(range(capacity - 1, old - 1, -1))
         self.capacity = capacity
 
-    def _clear(self, row: int) -> None:
+    def _clear(self, rows: int | np.ndarray) -> None:
+        """Reset one row or an array of rows to the empty state."""
         for name in ARRAYS:
-            getattr(self, name)[row] = 0
-        self.hidden.pop(row, None)
-        self.embedding.pop(row, None)
+            getattr(self, name)[rows] = 0
+        for row in np.atleast_1d(rows).tolist():
+            self.hidden.pop(row, None)
+            self.embedding.pop(row, None)
 
     def _new_row(self, user: str) -> int:
         if not self.free:
@@ -219,14 +224,14 @@ class ProfileTable:
         item_names = self.items.as_array()[items[used_r]].tolist()
         topic_names = self.topics.as_array()[self.topic_ids[rows][used_t]].tolist()
         score_bytes = self.topic_scores[rows][used_t].tobytes()
-        scalars = np.empty(len(rows), dtype=SCALARS)
+        scalars = np.empty(len(rows), dtype=STORED_SCALARS)
         applied = self.events[rows] > 0  # first/last seen and t0 mean nothing before that
         scalars["f"] = np.where(applied, self.first_seen[rows], math.inf)
         scalars["l"] = np.where(applied, self.last_seen[rows], -math.inf)
         scalars["t0"] = np.where(applied, self.t0[rows], math.nan)
         scalars["n"], scalars["v"] = self.events[rows], self.version[rows]
         scalars["p"] = self.position[rows]
-        scalar_bytes, width = scalars.tobytes(), SCALARS.itemsize
+        scalar_bytes, width = scalars.tobytes(), STORED_SCALARS.itemsize
         count_bytes, count_width = self.counts[rows].tobytes(), 4 * len(rules.actions)
         journal = self.journal[rows].tolist()
         journals, actions = self.journals.names, list(rules.actions)
@@ -323,11 +328,7 @@ class ProfileTable:
     def put(self, profile: Profile) -> None:
         """Make ``profile`` resident (replacing any row the user had)."""
         row = self.rows.get(profile.user_id)
-        if row is None:
-            row = self._new_row(profile.user_id)
-        else:
-            self._clear(row)
-        self._store(row, profile)
+        self._store(self._new_row(profile.user_id) if row is None else row, profile)
         self.clock += 1
         self.used[row] = self.clock
 
@@ -359,12 +360,8 @@ class ProfileTable:
             fast = [r for n, r in enumerate(fast) if last[r["u"]] == n]
             users = [r["u"] for r in fast]
         rows = self._rows_for(users)
-        for name in ARRAYS:
-            getattr(self, name)[rows] = 0
-        for row in rows.tolist():
-            self.hidden.pop(row, None)
-            self.embedding.pop(row, None)
-        scalars = np.frombuffer(b"".join(r["x"] for r in fast), dtype=SCALARS)
+        self._clear(rows)
+        scalars = np.frombuffer(b"".join(r["x"] for r in fast), dtype=STORED_SCALARS)
         self.events[rows], self.version[rows] = scalars["n"], scalars["v"]
         self.position[rows] = scalars["p"]
         self.first_seen[rows], self.last_seen[rows] = scalars["f"], scalars["l"]
@@ -432,16 +429,13 @@ class ProfileTable:
         row = self.rows.get(user)
         return row is not None and bool(self.dirty[row])
 
-    def mark_clean(self, user: str) -> None:
-        row = self.rows.get(user)
-        if row is not None:
-            self.dirty[row] = False
-
     def dirty_count(self) -> int:
         return int(np.count_nonzero(self.dirty))
 
     def _store(self, row: int, profile: Profile) -> None:
+        """Write ``profile`` over whatever the row held."""
         rules = self.rules
+        self._clear(row)
         profile.trim(rules)  # a record written under larger limits fits these ones
         self.counts[row] = profile.counts
         self.events[row], self.version[row] = profile.events, profile.version
@@ -467,12 +461,8 @@ class ProfileTable:
             self.context_item[row, CONTEXT - tail :] = item_ids[n - tail :]
         if profile.hidden:
             self.hidden[row] = dict(profile.hidden)
-        else:
-            self.hidden.pop(row, None)
         if profile.embedding is not None:
             self.embedding[row] = (profile.embedding.copy(), profile.embedding_weight)
-        else:
-            self.embedding.pop(row, None)
         journal = profile.journal
         self.journal[row] = 0 if journal is None else self.journals.add(journal)
         self.position[row] = profile.position
@@ -564,48 +554,38 @@ class ProfileTable:
         full = recent_slot >= self.rules.recent_n
         writes: list[tuple[np.ndarray, np.ndarray]] = []  # (event ids, slots) in order
         if full.any():
-            slow |= self._replace_oldest(rows, ts, rank, group, full, len(batch_rows), writes)
+            tied, writes = self._replace_oldest(rows, ts, rank, group, full, len(batch_rows))
+            slow |= tied
 
         fast_group = ~slow
-        keep = np.flatnonzero(fast_group[group]) if slow.any() else None
-        slow_events = (
-            np.flatnonzero(slow[group]) if keep is not None else np.empty(0, dtype=np.int64)
-        )
+        fast = fast_group[group]  # per event: its row takes the fast path
         if stats is not None:
-            self._observe(stats, rows, items, codes, ts, keep)
+            self._observe(stats, rows, items, codes, ts, fast)
         # Slow rows read their pre-batch state, then go the reference way.
-        for row, row_events in _group_rows(rows, slow_events, events):
+        for row, row_events in _group_rows(rows, np.flatnonzero(~fast), events):
             profile = self._materialize(row)
             if stats is not None:
                 stats.observe(row_events, profile.recent)
             apply_events(profile, row_events, self.rules, embeddings=embeddings)
             profile.journal, profile.position = journal, seq
-            self._clear(row)
             self._store(row, profile)
 
         # The fast path: every remaining event at once.
-        if keep is None:
-            pick = pair_pick = _everything
-        else:
-            fast = fast_group[group]
+        if slow.any():
+            keep = np.flatnonzero(fast)
             renumber = np.cumsum(fast) - 1  # event index -> index among the kept events
             pair_keep = np.flatnonzero(fast[pair_event])
             writes = [(renumber[e[fast[e]]], s[fast[e]]) for e, s in writes]
             pair_event = renumber[pair_event]
-
-            def pick(values: np.ndarray) -> np.ndarray:
-                return values[keep]
-
-            def pair_pick(values: np.ndarray) -> np.ndarray:
-                return values[pair_keep]
-
+        else:
+            keep = pair_keep = slice(None)
         rows_done = batch_rows[fast_group]
         if len(rows_done):
             self._apply_fast(
                 rows_done, t0[fast_group], journal_id, seq,
-                pick(rows), pick(codes), pick(ts), pick(weights), pick(items), pick(exponent),
-                pair_pick(pair_event), pair_pick(pair_row), pair_pick(pair_slot),
-                pair_pick(pair_topic), pick(recent_slot), pick(full), pick(per_row[group] == 1),
+                rows[keep], codes[keep], ts[keep], weights[keep], items[keep], exponent[keep],
+                pair_event[pair_keep], pair_row[pair_keep], pair_slot[pair_keep],
+                pair_topic[pair_keep], recent_slot[keep], full[keep], (per_row == 1)[group][keep],
                 writes, embeddings, fresh[fast_group],
             )  # fmt: skip
         self.clock += 1
@@ -652,11 +632,12 @@ class ProfileTable:
         if embeddings:
             self._add_embeddings(rows, items, contribution, embeddings)
 
-    def _replace_oldest(self, rows, ts, rank, group, full, groups, writes) -> np.ndarray:
+    def _replace_oldest(self, rows, ts, rank, group, full, groups) -> tuple[np.ndarray, list]:
         """Place events of rows whose recent bag is full: each replaces the row's oldest
         entry if it is newer. Returns the groups to send the reference way (ties on
-        time where the tuple order of the reference would have to decide)."""
-        slow = np.zeros(groups, dtype=bool)
+        time where the tuple order of the reference would have to decide) and the
+        (event ids, slots) to write, one pair per round, in order."""
+        slow, writes = np.zeros(groups, dtype=bool), []
         full_events = np.flatnonzero(full)
         full_rows = np.unique(rows[full_events])
         local = self.recent_ts[full_rows].copy()
@@ -680,7 +661,7 @@ class ProfileTable:
             newer = ts[these] > oldest
             local[at[newer], slot[newer]] = ts[these[newer]]
             writes.append((these[newer], slot[newer]))
-        return slow
+        return slow, writes
 
     def _update_context(self, rows, ts, items, single) -> None:
         """Keep each row's last CONTEXT entries by time (oldest first); ``single``
@@ -716,15 +697,10 @@ class ProfileTable:
             self.context_ts[touched, k] = all_ts[ends - (CONTEXT - 1 - k)]
             self.context_item[touched, k] = all_items[ends - (CONTEXT - 1 - k)]
 
-    def _observe(self, stats, rows, items, codes, ts, keep) -> None:
+    def _observe(self, stats, rows, items, codes, ts, fast) -> None:
         """Item signals for the fast rows' events, each with its row's pre-batch context."""
         weights = stats.code_weights(self.rules)[codes]
-        chosen = weights > 0
-        if keep is not None:
-            mask = np.zeros(len(rows), dtype=bool)
-            mask[keep] = True
-            chosen &= mask
-        chosen = np.flatnonzero(chosen)
+        chosen = np.flatnonzero((weights > 0) & fast)
         if not len(chosen):
             return
         touched = np.unique(rows[chosen])
@@ -771,10 +747,6 @@ def _slots(rows: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray
     at = np.repeat(rows, counts)
     starts = np.repeat(np.cumsum(counts) - counts, counts)
     return at, np.arange(len(at)) - starts
-
-
-def _everything(values: np.ndarray) -> np.ndarray:
-    return values
 
 
 def _group_rows(rows: np.ndarray, event_ids: np.ndarray, events: Sequence) -> list[tuple]:

@@ -128,17 +128,16 @@ class ProfileShard:
 
     async def _load_for(self, batch: PreparedBatch, looked_up: Prefetched | None) -> None:
         state = self.state
-        users = batch.users
+        users = list(batch.users)
         if looked_up is not None and looked_up.evicted == state.totals["evicted"]:
             # Users the prefetch found absent from the store are still absent if their
             # partition has not changed hands since (only the owner writes them) and
             # nothing was evicted (eviction writes users and drops them from memory).
-            owned = state.owned
+            owned, epochs = state.owned, looked_up.epochs
             users = [
                 u
-                for u in users
-                if u not in looked_up.absent
-                or owned.get(p := state.partition(u)) != looked_up.epochs.get(p)
+                for u, p in batch.users.items()
+                if u not in looked_up.absent or owned.get(p) != epochs.get(p)
             ]
         await state.load(users)
         await state.load_item_vectors(e[1] for e in batch.events)

@@ -67,13 +67,13 @@ class Ack:
 
 @dataclass
 class PreparedBatch:
-    """A batch ready to be journaled: its new events (batch order), their users, and
-    its row blob."""
+    """A batch ready to be journaled: its new events (batch order), their users (with
+    each one's partition), and its row blob."""
 
     batch_id: str
     seq: int
     events: list[ValidEvent]
-    users: list[str]
+    users: dict[str, int]
     partitions: list[int]
     blob: bytes
     fence: dict[int, int]
@@ -297,9 +297,7 @@ class ShardState:
         else:
             valid, errors = self.validator.validate(events)
         self.totals["rejected"] += len(errors)
-        partition_of_user = {user: 0 for user, *_ in valid}
-        for user in partition_of_user:
-            partition_of_user[user] = self.partition(user)
+        partition_of_user = {u: self.partition(u) for u in dict.fromkeys(e[0] for e in valid)}
         not_owned = {p for p in partition_of_user.values() if p not in self.owned}
         if not_owned:
             raise StaleEpoch(
@@ -320,8 +318,8 @@ class ShardState:
         partitions = sorted(set(partition_of_user.values()))
         fence = {p: self.owned[p] for p in partitions}
         blob = codec.encode({"batch_id": batch_id, "events": valid})
-        seq, users = self.last_seq + 1, list(partition_of_user)
-        return PreparedBatch(batch_id, seq, valid, users, partitions, blob, fence, ack)
+        seq = self.last_seq + 1
+        return PreparedBatch(batch_id, seq, valid, partition_of_user, partitions, blob, fence, ack)
 
     def append(self, batch: PreparedBatch) -> None:
         """Write-ahead: the journal row must be durable before anything is applied.

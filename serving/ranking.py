@@ -28,9 +28,9 @@ class Catalog:
 
     ids: list[str] = field(default_factory=list)
     topics: list[tuple[str, ...]] = field(default_factory=list)
-    created_at: np.ndarray = field(default_factory=lambda: np.zeros(0))
     vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
     index: dict[str, int] = field(default_factory=dict)
+    # Rows by creation time, newest first (the fill when signals are thin).
     newest: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @classmethod
@@ -59,7 +59,6 @@ class Catalog:
         return cls(
             ids=ids,
             topics=topics,
-            created_at=created_at,
             vectors=vectors,
             index={item: row for row, item in enumerate(ids)},
             newest=np.argsort(-created_at, kind="stable"),

@@ -23,19 +23,21 @@ FORMAT_VERSION = 1
 _HEADER = struct.Struct(">2sBI")
 
 
-def encode(value: Any) -> bytes:
-    payload = msgpack.packb(value, use_bin_type=True)
+def _frame(payload: bytes) -> bytes:
     return _HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(payload)) + payload
+
+
+def encode(value: Any) -> bytes:
+    return _frame(msgpack.packb(value, use_bin_type=True))
 
 
 def encoder() -> Callable[[Any], bytes]:
     """``encode`` with one reused msgpack Packer: for encoding many records in a row
     from one thread (a Packer is not thread-safe; packb builds one per call)."""
-    pack, crc32, header = msgpack.Packer(use_bin_type=True).pack, zlib.crc32, _HEADER.pack
+    pack = msgpack.Packer(use_bin_type=True).pack
 
     def encode_one(value: Any) -> bytes:
-        payload = pack(value)
-        return header(MAGIC, FORMAT_VERSION, crc32(payload)) + payload
+        return _frame(pack(value))
 
     return encode_one
 
