@@ -28,19 +28,36 @@ ALLOWED = frozenset(REQUIRED + OPTIONAL)
 ValidEvent = tuple[str, str, str, float, tuple[str, ...], float]
 
 
-def check_id(value: Any, name: str) -> str | None:
-    """Why ``value`` is not a valid id, or None."""
+def check_id(value: Any, name: str, *, in_url_path: bool = True) -> str | None:
+    """Why ``value`` is not a valid id, or None.
+
+    Ids that go into a URL path (users, items: ``/v1/users/{user_id}/profile``) may
+    not contain "/" nor be "." or "..": the router can never match the first, and
+    clients collapse the dot segments, so such a user could be written but never
+    read or deleted over HTTP."""
     if not isinstance(value, str):
         return f"{name} must be a string, got {type(value).__name__}"
     if not 1 <= len(value) <= MAX_ID_CHARS:
         return f"{name} must be 1-{MAX_ID_CHARS} characters, got {len(value)}"
     if not value.isprintable():
         return f"{name} contains control or non-printable characters"
+    if in_url_path and "/" in value:
+        return f"{name} may not contain '/': it could never be addressed in a URL path"
+    if in_url_path and value in (".", ".."):
+        return f"{name} may not be {value!r}: it could never be addressed in a URL path"
     return None
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None: not a number (bools are not), NaN, an
+    infinity, or an int too large for a float (JSON and msgpack carry any size)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 class EventValidator:
@@ -58,7 +75,12 @@ class EventValidator:
         missing = [k for k in REQUIRED if k not in event]
         if missing:
             return f"missing field(s): {', '.join(missing)}"
-        unknown = sorted(str(k) for k in event if k not in ALLOWED)
+        # Keys from msgpack may be of any type: a reason never prints arbitrary values.
+        unknown = sorted(
+            k[:40] if isinstance(k, str) else f"key of type {type(k).__name__}"
+            for k in event
+            if k not in ALLOWED
+        )
         if unknown:
             return f"unknown field(s): {', '.join(unknown)}"
         for name in ("user_id", "item_id"):
@@ -66,10 +88,13 @@ class EventValidator:
             if problem:
                 return problem
         action = event["action"]
+        # Checked before the set lookup: a list or dict is unhashable.
+        if not isinstance(action, str):
+            return f"action must be a string, got {type(action).__name__}"
         if action not in self.actions:
-            return f"unknown action {str(action)[:40]!r}; expected one of {self._action_list}"
-        ts = event["ts"]
-        if not _number(ts) or not math.isfinite(ts):
+            return f"unknown action {action[:40]!r}; expected one of {self._action_list}"
+        ts = _finite(event["ts"])
+        if ts is None:
             return "ts must be a finite number of seconds since the epoch"
         if ts < 0:
             return "ts must be >= 0 (seconds since the epoch)"
@@ -90,13 +115,14 @@ class EventValidator:
                 or not topic.isprintable()
             ):
                 return f"each topic must be 1-{MAX_TOPIC_CHARS} printable characters"
-        weight = event.get("weight", 1.0)
-        if not _number(weight) or not math.isfinite(weight):
+        weight = _finite(event.get("weight", 1.0))
+        if weight is None:
             return "weight must be a finite number"
         if not 0 < weight <= MAX_WEIGHT:
             return f"weight must be in (0, {MAX_WEIGHT:g}]"
         if "event_id" in event:
-            problem = check_id(event["event_id"], "event_id")
+            # Event ids never appear in a URL: only the common rules apply.
+            problem = check_id(event["event_id"], "event_id", in_url_path=False)
             if problem:
                 return problem
         return None

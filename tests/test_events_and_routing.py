@@ -8,6 +8,8 @@ from collections import Counter
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from actors.events import EventValidator
 from actors.routing import initial_assignment, partition_of, split_by_owner
@@ -51,10 +53,32 @@ def test_a_good_event_becomes_a_tuple():
         ({"topics": ["x" * 65]}, "1-64 printable"),
         ({"weight": 0}, "weight must be in"),
         ({"weight": math.nan}, "finite number"),
+        ({"action": []}, "action must be a string, got list"),
+        ({"action": {"kind": "view"}}, "action must be a string, got dict"),
+        ({"ts": 10**400}, "finite number"),
+        ({"ts": -(10**400)}, "finite number"),
+        ({"weight": 10**400}, "finite number"),
+        ({"user_id": ["u1"]}, "must be a string, got list"),
+        ({"topics": [["jazz"]]}, "1-64 printable"),
+        ({"topics": {"jazz": 1}}, "list of strings"),
+        ({"event_id": {"id": 1}}, "event_id must be a string"),
     ],
 )
 def test_each_rejection_says_why(changes, expected):
     assert expected in reason(**changes)
+
+
+@pytest.mark.parametrize("name", ["user_id", "item_id"])
+@pytest.mark.parametrize("value", ["a/b", "/", "team/alice/", ".", ".."])
+def test_ids_that_cannot_be_addressed_over_http_are_refused(name, value):
+    # GET /v1/users/{user_id}/profile can never reach "a/b", and clients collapse
+    # the dot segments: such a user could be written but never read or deleted.
+    problem = reason(**{name: value})
+    assert problem is not None and name in problem and "URL path" in problem
+
+
+def test_ids_with_dots_inside_are_fine():
+    assert reason(user_id="a.b", item_id="...") is None
 
 
 def test_old_history_and_near_future_are_accepted():
@@ -108,3 +132,83 @@ def test_split_by_owner_keeps_each_user_on_one_shard():
     for shard, part in parts.items():
         for e in part:
             assert homes.setdefault(e[0], shard) == shard
+
+
+# --- validation never raises --------------------------------------------------------
+
+_json_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers()  # unbounded: 10**400 is valid JSON
+    | st.floats()  # nan and infinities too (json.loads accepts NaN and Infinity)
+    | st.text(max_size=20)
+)
+json_values = st.recursive(
+    _json_leaves,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+# What msgpack can carry beyond JSON: bytes, extension types, timestamps, non-string keys.
+_msgpack_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=12)
+    | st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=8))
+    | st.builds(msgpack.Timestamp, st.integers(0, 2**32 - 1), st.integers(0, 999_999_999))
+)
+msgpack_values = st.recursive(
+    _msgpack_leaves,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.text(max_size=8) | st.integers(-5, 5) | st.binary(max_size=4) | st.none(), inner
+        )
+    ),
+    max_leaves=12,
+)
+
+
+def near_events(values):
+    """Events with every field present, each either a good value or junk, so junk
+    reaches every check instead of stopping at "missing field(s)"."""
+    fields = {
+        "user_id": st.just("u1") | st.sampled_from(["a/b", ".", "", "x" * 200]) | values,
+        "item_id": st.just("i1") | values,
+        "action": st.sampled_from(["view", "click"]) | values,
+        "ts": st.just(NOW - 5) | values,
+    }
+    optional = {
+        "topics": st.lists(st.text(max_size=70) | values, max_size=18) | values,
+        "weight": st.floats(0, 2000) | values,
+        "event_id": st.just("e1") | values,
+    }
+    return st.fixed_dictionaries(fields, optional=optional)
+
+
+def assert_each_index_valid_or_explained(events, valid, errors):
+    assert len(valid) + len(errors) == len(events)
+    indices = [error["index"] for error in errors]
+    assert indices == sorted(set(indices)) and all(0 <= i < len(events) for i in indices)
+    assert all(isinstance(e["reason"], str) and e["reason"] for e in errors)
+    for user_id, item_id, action, ts, topics, weight in valid:
+        assert isinstance(user_id, str) and isinstance(item_id, str) and action in ("view", "click")
+        assert math.isfinite(ts) and 0 < weight <= 1000 and all(isinstance(t, str) for t in topics)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(near_events(json_values) | json_values, max_size=6))
+def test_validating_any_json_never_raises_and_explains_each_rejection(events):
+    valid, errors = VALIDATOR.validate(events, now=NOW)
+    assert_each_index_valid_or_explained(events, valid, errors)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(near_events(msgpack_values) | msgpack_values, max_size=6))
+def test_validating_any_msgpack_never_raises_and_explains_each_rejection(events):
+    body = msgpack.packb(events, datetime=False)
+    decoded = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    valid, errors = VALIDATOR.validate(body, now=NOW)
+    assert_each_index_valid_or_explained(decoded, valid, errors)
