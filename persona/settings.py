@@ -69,6 +69,13 @@ class Settings:
     max_future_seconds: float = 86_400.0
 
     # --- durability ---
+    # What an acknowledged write survives (README, "What an acknowledgement means").
+    # "normal": a process crash. SQLite WAL with synchronous=NORMAL; Cassandra's
+    # periodic commitlog sync (10 s), so a power loss of every replica may lose the
+    # last seconds. "strict": also an OS crash or power loss. SQLite synchronous=FULL
+    # (an fsync per commit); the local Cassandra node runs commitlog_sync: batch (an
+    # fsync before each ack; on a real cluster that is the operator's cassandra.yaml).
+    durability: str = "normal"
     checkpoint_interval_s: float = 30.0
     checkpoint_dirty_threshold: int = 50_000
     # Journal rows per Cassandra partition: bounds partition size (a row is one batch).

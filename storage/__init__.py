@@ -80,6 +80,7 @@ def parse_store_url(url: str, settings: Settings | None = None):
                     query.get("concurrency", settings.cassandra_write_concurrency)
                 ),
                 journal_bucket_rows=settings.journal_bucket_rows,
+                durability=settings.durability,
             )
         except ValueError as exc:
             raise _invalid(url, str(exc)) from exc
@@ -98,7 +99,7 @@ def open_store(url: str | None = None, settings: Settings | None = None) -> Stor
     if kind == "sqlite":
         from storage.sqlite_store import SqliteStore
 
-        return SqliteStore(target)
+        return SqliteStore(target, durability=settings.durability)
     from storage.cassandra_store import CassandraStore
 
     return CassandraStore(target)

@@ -63,6 +63,8 @@ class CassandraOptions:
     read_keys_per_query: int = 100
     batch_rows: int = 100
     batch_bytes: int = 40 * 1024
+    # settings.durability; "strict" is checked against the cluster at connect.
+    durability: str = "normal"
 
     def replication_map(self) -> str:
         if self.strategy == "SimpleStrategy":
@@ -120,6 +122,7 @@ class CassandraStore(Store):
             self._session = self._cluster.connect()
             self._create_schema()
         self._prepared = {}
+        self._check_durability()
 
     # --- plumbing ---
     @contextmanager
@@ -173,6 +176,38 @@ class CassandraStore(Store):
 
     def close(self) -> None:
         self._cluster.shutdown()
+
+    def _check_durability(self) -> None:
+        """Strict durability is server configuration (commitlog_sync batch or group on
+        every replica) plus acks from a quorum of replicas; the store cannot change
+        either, so it warns when what it sees falls short. A single node is fine."""
+        o = self.options
+        if o.durability not in ("normal", "strict"):
+            raise ConfigError(f"durability {o.durability!r} is not one of ['normal', 'strict']")
+        if o.durability != "strict":
+            return
+        quorum = o.replication_factor // 2 + 1
+        acks = {"ANY": 0, "ONE": 1, "LOCAL_ONE": 1, "TWO": 2, "THREE": 3}.get(o.consistency)
+        if acks is not None and acks < quorum:
+            log.warning(
+                "strict durability with consistency %s and replication %d: an acknowledged "
+                "write may be on fewer than a quorum of replicas; use LOCAL_QUORUM or QUORUM",
+                o.consistency,
+                o.replication_factor,
+            )
+        try:  # system_views exists from Cassandra 4.0; it describes the node asked
+            row = self._session.execute(
+                "SELECT value FROM system_views.settings WHERE name = 'commitlog_sync'"
+            ).one()
+        except DriverException:
+            return
+        if row is not None and row.value not in ("batch", "group"):
+            log.warning(
+                "strict durability, but the Cassandra node answering syncs its commitlog "
+                "%s: an acknowledged write may be lost if every replica loses power; set "
+                "commitlog_sync: batch (or group) in each node's cassandra.yaml",
+                row.value,
+            )
 
     def keyspace_replication(self) -> dict[str, str]:
         """The replication map Cassandra holds for this keyspace (for checks and tests)."""

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-from persona.errors import JournalConflict, StaleEpoch, StoreUnavailable
+from persona.errors import ConfigError, JournalConflict, StaleEpoch, StoreUnavailable
 from storage.base import Assignment, Checkpoint, Store, fence_violations, stale_claims
 
 SCHEMA = """
@@ -38,8 +38,17 @@ def _chunks(values: list, size: int = _CHUNK) -> Iterator[list]:
         yield values[start : start + size]
 
 
+# PRAGMA synchronous per durability mode (settings.durability). In WAL mode NORMAL
+# fsyncs only when the WAL is checkpointed: a commit survives a process crash, but an
+# OS crash or power loss may roll back the last commits. FULL fsyncs the WAL on every
+# commit, so a commit survives those too.
+_SYNCHRONOUS = {"normal": "NORMAL", "strict": "FULL"}
+
+
 class SqliteStore(Store):
-    def __init__(self, path: str | Path, *, timeout_s: float = 30.0):
+    def __init__(self, path: str | Path, *, timeout_s: float = 30.0, durability: str = "normal"):
+        if durability not in _SYNCHRONOUS:
+            raise ConfigError(f"durability {durability!r} is not one of {sorted(_SYNCHRONOUS)}")
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
         try:
@@ -48,9 +57,8 @@ class SqliteStore(Store):
                 self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False
             )
             self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives process crashes (not power loss) and is what
-            # makes an embedded journal append cheap.
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            # Per connection: every process sets it from the settings it was handed.
+            self._db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[durability]}")
             self._db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open SQLite store at {self.path}: {exc}") from exc

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from persona.errors import PersonaError, ToolMissing
+from persona.errors import ConfigError, PersonaError, ToolMissing
 from persona.settings import PROJECT_ROOT, Settings
 
 POM = Path(__file__).with_name("pom.xml")
@@ -86,9 +86,16 @@ cdc_raw_directory: {home}/cdc_raw
 cdc_enabled: false
 # Tests truncate and drop keyspaces all day; snapshots of them would only fill the disk.
 auto_snapshot: false
-commitlog_sync: periodic
-commitlog_sync_period: 10000ms
+{commitlog_sync}
 """
+
+# What acknowledges a write (settings.durability). Cassandra's default, periodic,
+# acknowledges once the mutation is in the commitlog and fsyncs it every 10 s; batch
+# acknowledges only after the fsync (concurrent writes share one).
+COMMITLOG_SYNC = {
+    "normal": "commitlog_sync: periodic\ncommitlog_sync_period: 10000ms",
+    "strict": "commitlog_sync: batch",
+}
 
 LOGBACK_XML = """\
 <configuration scan="false">
@@ -119,6 +126,8 @@ class LocalNode:
     native_port: int
     storage_port: int
     heap: str
+    # "normal" or "strict" (settings.durability): picks the commitlog sync mode.
+    durability: str = "normal"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalNode:
@@ -128,6 +137,7 @@ class LocalNode:
             native_port=settings.cassandra_port,
             storage_port=settings.cassandra_storage_port,
             heap=settings.cassandra_heap,
+            durability=settings.durability,
         )
 
     @property
@@ -228,15 +238,27 @@ class LocalNode:
         finally:
             cluster.shutdown()
 
+    def config_yaml(self) -> str:
+        """The cassandra.yaml this node starts with (written on every start)."""
+        try:
+            commitlog_sync = COMMITLOG_SYNC[self.durability]
+        except KeyError:
+            raise ConfigError(
+                f"durability {self.durability!r} is not one of {sorted(COMMITLOG_SYNC)} "
+                "(PERSONA_DURABILITY)"
+            ) from None
+        return CASSANDRA_YAML.format(
+            home=self.home,
+            native_port=self.native_port,
+            storage_port=self.storage_port,
+            commitlog_sync=commitlog_sync,
+        )
+
     def _write_config(self) -> Path:
         for sub in ("data", "commitlog", "saved_caches", "hints", "cdc_raw", "logs", "conf"):
             (self.home / sub).mkdir(parents=True, exist_ok=True)
         conf = self.home / "conf"
-        (conf / "cassandra.yaml").write_text(
-            CASSANDRA_YAML.format(
-                home=self.home, native_port=self.native_port, storage_port=self.storage_port
-            )
-        )
+        (conf / "cassandra.yaml").write_text(self.config_yaml())
         (conf / "logback.xml").write_text(LOGBACK_XML.format(home=self.home))
         return conf
 
