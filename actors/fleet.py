@@ -1,11 +1,12 @@
 """The fleet: creates or finds the shard actors, routes batches and reads to their owners.
 
 Used by the Serve ingress, the jobs and the CLI. A batch is validated once here,
-split by owning shard, and each part is sent under the batch's own id; shards
-remember ids per (batch, partition), so a client that retries a whole batch is
-applied exactly once, even when some of its partitions moved in between. Requests
-that reach a shard which no longer owns a partition are re-routed after
-re-reading the assignment.
+split by owning shard, and each part is sent under the batch's source with each
+event's line; shards remember applied (source, partition, line), so a client that
+retries a whole batch, or a job that reruns a file with another batch size, is
+applied exactly once, even when partitions moved in between. Requests that reach
+a shard which no longer owns a partition are re-routed after re-reading the
+assignment.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from actors.routing import (
     partition_of,
     plan_moves,
     shard_name,
-    split_by_owner,
 )
 from actors.shard import shard_actor
 from persona.errors import ConfigError, InvalidEvents, StaleEpoch
@@ -73,6 +73,7 @@ class Fleet:
         self.validator = EventValidator(
             ProfileRules.from_settings(settings).actions, settings.max_future_seconds
         )
+        self.fingerprint = settings.model_fingerprint()
         self.owners: dict[int, str] = {}
         self.shards: dict[str, ray.actor.ActorHandle] = {}
 
@@ -131,38 +132,74 @@ class Fleet:
     def validate(self, events) -> tuple[list[ValidEvent], list[dict]]:
         return self.validator.validate(events)
 
-    async def apply_async(self, batch_id: str, events, *, all_or_nothing: bool = False) -> dict:
+    async def apply_async(
+        self,
+        source: str,
+        events,
+        *,
+        lines: list[int] | None = None,
+        all_or_nothing: bool = False,
+    ) -> dict:
+        """Validate, split by owning shard and apply a batch from ``source``.
+
+        ``lines`` gives each event's line in its source (a file's line number; by
+        default its index in the batch); shards remember applied (source, partition,
+        line) for the dedup retention, so sending the same lines again, in any
+        batches, applies nothing twice."""
         valid, errors = self.validate(events)
         if errors and all_or_nothing:
             raise InvalidEvents(errors)
+        if lines is None:
+            lines = list(range(len(events)))
+        elif len(lines) != len(events):
+            raise ConfigError(f"{len(lines)} lines given for {len(events)} events")
+        bad = {e["index"] for e in errors}
+        valid_lines = [line for n, line in enumerate(lines) if n not in bad]
         total = {"applied": 0, "duplicate": 0, "rejected": len(errors), "errors": errors}
-        pending = split_by_owner(valid, self.owners, self.partitions)
+        pending = self._split(valid, valid_lines)
         deadline = time.monotonic() + REROUTE_SECONDS
         attempt = 0
         while pending:
             names = list(pending)
-            # Shards dedupe per (batch id, partition): the same id for every part keeps a
-            # retried batch exactly once even when partitions moved in between.
+            # Every part goes under the batch's own source and lines: shards dedupe per
+            # (source, partition, line), so a retry stays exactly once even when
+            # partitions moved in between.
             results = await asyncio.gather(
-                *(self.shards[n].apply_batch.remote(batch_id, pending[n], True) for n in names),
+                *(
+                    self.shards[n].apply_batch.remote(
+                        source, pending[n][0], True, pending[n][1], self.fingerprint
+                    )
+                    for n in names
+                ),
                 return_exceptions=True,
             )
-            rerouted = []
+            rerouted_events, rerouted_lines = [], []
             for name, result in zip(names, results, strict=True):
                 if _is_moved(result):
-                    rerouted.extend(pending[name])
+                    rerouted_events += pending[name][0]
+                    rerouted_lines += pending[name][1]
                     continue
                 if isinstance(result, BaseException):
                     raise _unwrap(result)
                 for key in ("applied", "duplicate", "rejected"):
                     total[key] += result[key]
                 total["errors"] += result["errors"]
-            if not rerouted:
+            if not rerouted_events:
                 break
             attempt += 1
             await self._before_reroute(attempt, deadline, "the batch was routed")
-            pending = split_by_owner(rerouted, self.owners, self.partitions)
+            pending = self._split(rerouted_events, rerouted_lines)
         return total
+
+    def _split(self, events: list, lines: list[int]) -> dict[str, tuple[list, list[int]]]:
+        """Events and their lines grouped by the shard that owns their user's partition."""
+        parts: dict[str, tuple[list, list[int]]] = {}
+        owners, partitions = self.owners, self.partitions
+        for event, line in zip(events, lines, strict=True):
+            part = parts.setdefault(owners[partition_of(event[0], partitions)], ([], []))
+            part[0].append(event)
+            part[1].append(line)
+        return parts
 
     async def _before_reroute(self, attempt: int, deadline: float, what: str) -> None:
         """Back off briefly, then re-read the assignment; give up past the deadline."""
@@ -171,8 +208,8 @@ class Fleet:
         await asyncio.sleep(min(0.5, 0.02 * attempt))
         await self.refresh_async()
 
-    def apply(self, batch_id: str, events) -> dict:
-        return _run(self.apply_async(batch_id, events))
+    def apply(self, source: str, events, *, lines: list[int] | None = None) -> dict:
+        return _run(self.apply_async(source, events, lines=lines))
 
     # --- reads ---
     async def get_profiles_async(self, user_ids: Iterable[str]) -> dict[str, dict]:
@@ -226,9 +263,10 @@ class Fleet:
     def scale(self, shards: int) -> list[dict]:
         """Grow or shrink the shard set while traffic continues, moving whole partitions.
 
-        Per move: the old owner stops writes to the partition, checkpoints and forgets
-        its users; the store's epoch advances (compare-and-set); the new owner takes
-        the partition and its remembered batch ids. Requests that reach the old owner
+        Per move: the old owner stops writes to the partition, checkpoints, advances
+        the store's epoch to the new owner (compare-and-set) and forgets its users;
+        the new owner adopts the partition (its applied lines are in the store).
+        Requests that reach the old owner
         in between are refused with StaleEpoch and re-routed by their fleet."""
         if shards < 1:
             raise ConfigError("a fleet needs at least one shard")
@@ -254,9 +292,10 @@ class Fleet:
         report = []
         for (source, target), partitions in sorted(by_pair.items()):
             started = time.monotonic()
-            epochs = ray.get(self.shards[source].release_partitions.remote(partitions))
-            new_epochs = self.store.claim_partitions(target, epochs)
-            ray.get(self.shards[target].acquire_partitions.remote(new_epochs, source))
+            # The old owner advances the epochs itself once its checkpoint is written,
+            # so no step of a move leaves a partition owned by nobody in the store.
+            ray.get(self.shards[source].release_partitions.remote(partitions, target))
+            ray.get(self.shards[target].acquire_partitions.remote())
             report.append(
                 {
                     "from": source,

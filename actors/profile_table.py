@@ -23,7 +23,7 @@ shifting anything; order is restored when a profile is read.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -203,10 +203,13 @@ class ProfileTable:
         row = self.rows.get(user)
         return None if row is None else self._materialize(row)
 
-    def encode(self, users: Iterable[str]) -> dict[str, bytes]:
+    def encode(
+        self, users: Iterable[str], extras: Mapping[str, dict] | None = None
+    ) -> dict[str, bytes]:
         """Stored blobs of the resident ``users`` (columnar records, see
         ``Profile.from_record``), built from the arrays a chunk at a time: a
-        checkpoint encodes every dirty profile, so this is its CPU cost."""
+        checkpoint encodes every dirty profile, so this is its CPU cost. ``extras``
+        adds fields to some users' records (a returning user's delete time)."""
         rules, get = self.rules, self.rows.get
         pairs = [(u, r) for u in users if (r := get(u)) is not None]
         if not pairs:
@@ -257,6 +260,8 @@ class ProfileTable:
             if row in embedding:
                 vector, weight = embedding[row]
                 record["e"], record["ew"] = vector.tolist(), weight
+            if extras and user in extras:
+                record.update(extras[user])
             blobs[user] = encode(record)
         return blobs
 
@@ -328,7 +333,9 @@ class ProfileTable:
     def put(self, profile: Profile) -> None:
         """Make ``profile`` resident (replacing any row the user had)."""
         row = self.rows.get(profile.user_id)
-        self._store(self._new_row(profile.user_id) if row is None else row, profile)
+        if row is None:
+            row = self._new_row(profile.user_id)
+        self._store(row, profile)
         self.clock += 1
         self.used[row] = self.clock
 

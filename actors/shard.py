@@ -9,6 +9,7 @@ asyncio lock orders writers (journal positions are contiguous); reads take no lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -17,8 +18,8 @@ import time
 import ray
 from ray.util.metrics import Gauge
 
-from actors.shard_state import Ack, PreparedBatch, ShardState
-from persona.errors import JournalConflict, PersonaError
+from actors.shard_state import Ack, ShardState
+from persona.errors import ConfigError, JournalConflict, PersonaError, StaleEpoch
 from persona.settings import Settings
 from storage import open_store
 
@@ -58,6 +59,7 @@ class ProfileShard:
                 ("pending_writes", "batches queued for this shard's journal"),
                 ("evictions", "profiles passivated under the resident cap (since start)"),
                 ("load_misses", "reads of users not resident, loaded from the store"),
+                ("quarantined_rows", "journal rows that could not be applied (kept aside)"),
             )
         }
 
@@ -68,6 +70,7 @@ class ProfileShard:
         self._gauges["pending_writes"].set(self._pending_writes, tags=tags)
         self._gauges["evictions"].set(self.state.totals["evicted"], tags=tags)
         self._gauges["load_misses"].set(self.state.totals["load_misses"], tags=tags)
+        self._gauges["quarantined_rows"].set(self.state.totals["quarantined"], tags=tags)
 
     def _ensure_ticker(self) -> None:
         if self._ticker is None or self._ticker.done():
@@ -94,41 +97,78 @@ class ProfileShard:
                     await asyncio.sleep(delay)
 
     # --- writes ---
-    async def apply_batch(self, batch_id: str, events, validated: bool = False) -> dict:
-        """Journal then apply a batch; a batch id seen before is acknowledged as duplicate."""
+    async def apply_batch(
+        self,
+        source: str,
+        events,
+        validated: bool = False,
+        lines: list[int] | None = None,
+        fingerprint: str | None = None,
+    ) -> dict:
+        """Journal then apply a batch; lines of ``source`` applied before (within the
+        dedup retention) are acknowledged as duplicates."""
         self._ensure_ticker()
         self._pending_writes += 1
         try:
-            return await self._apply_batch(batch_id, events, validated)
+            if fingerprint is not None and fingerprint != self.state.fingerprint:
+                raise ConfigError(
+                    f"{self.state.name} runs with other profile settings (fingerprint "
+                    f"{self.state.fingerprint}) than the sender ({fingerprint}): start every "
+                    "process of a deployment with the same PERSONA_* settings"
+                )
+            return await self._apply_batch(source, events, validated, lines)
         finally:
             self._pending_writes -= 1
 
-    async def _apply_batch(self, batch_id: str, events, validated: bool) -> dict:
-        looked_up = await self._prefetch(events) if validated else None
+    async def _apply_batch(self, source: str, events, validated: bool, lines) -> dict:
+        state = self.state
+        batch = state.check(events, lines, validated=validated)
+        users = batch.users()
+        looked_up = await self._prefetch(source, batch) if validated else None
         async with self._write_lock:
-            for attempt in range(2):
-                prepared = self.state.prepare(batch_id, events, validated=validated)
-                if isinstance(prepared, Ack):
-                    return prepared.as_dict()
-                await self._load_for(prepared, looked_up)
-                try:
-                    await asyncio.to_thread(self.state.append, prepared)
-                except JournalConflict:
-                    if attempt:
-                        raise
-                    # Someone else wrote our next position: take their rows, then retry.
-                    self.state.catch_up()
-                    continue
-                ack = self.state.commit(prepared)
-                break
+            # Held against eviction from the first load until the batch is applied.
+            state.pin(users)
+            try:
+                ack = await self._apply_locked(source, batch, looked_up)
+            finally:
+                state.unpin(users)
         await self._passivate()
-        if self.state.table.dirty_count() >= self.settings.checkpoint_dirty_threshold:
+        if state.table.dirty_count() >= self.settings.checkpoint_dirty_threshold:
             asyncio.get_running_loop().create_task(self._checkpoint_quietly())
         return ack.as_dict()
 
-    async def _load_for(self, batch: PreparedBatch, looked_up: Prefetched | None) -> None:
+    async def _apply_locked(self, source, batch, looked_up: Prefetched | None) -> Ack:
         state = self.state
-        users = list(batch.users)
+        adopted = False
+        for attempt in range(3):
+            await self._load_for(batch, looked_up)
+            await state.load_dedup(state.dedup_keys(source, batch.events))
+            try:
+                prepared = state.prepare(source, batch)
+            except StaleEpoch:
+                if adopted:
+                    raise
+                # The store may have given us partitions (a move whose mover did not
+                # reach us, or a hand-over of ours that failed): adopt them, once.
+                state.sync_ownership(await asyncio.to_thread(state.store.get_assignments))
+                adopted = True
+                continue
+            if isinstance(prepared, Ack):
+                return prepared
+            try:
+                await asyncio.to_thread(state.append, prepared)
+            except JournalConflict:
+                if attempt == 2:
+                    raise
+                # Someone else wrote our next position: take their rows, then retry.
+                await asyncio.to_thread(state.catch_up)
+                continue
+            return state.commit(prepared)
+        raise StaleEpoch(f"{state.name}: the batch kept conflicting; resend")
+
+    async def _load_for(self, batch, looked_up: Prefetched | None) -> None:
+        state = self.state
+        users = [u for u in batch.users() if state.partition(u) in state.owned]
         if looked_up is not None and looked_up.evicted == state.totals["evicted"]:
             # Users the prefetch found absent from the store are still absent if their
             # partition has not changed hands since (only the owner writes them) and
@@ -136,33 +176,41 @@ class ProfileShard:
             owned, epochs = state.owned, looked_up.epochs
             users = [
                 u
-                for u, p in batch.users.items()
-                if u not in looked_up.absent or owned.get(p) != epochs.get(p)
+                for u in users
+                if u not in looked_up.absent
+                or owned.get(state.partition(u)) != epochs.get(state.partition(u))
             ]
         await state.load(users)
         await state.load_item_vectors(e[1] for e in batch.events)
 
-    async def _prefetch(self, events) -> Prefetched:
+    async def _prefetch(self, source: str, batch) -> Prefetched:
         """Before queueing for the write lock, read what a pre-validated batch needs
-        from the store, so that the next batch's reads overlap this one's journal
-        append. Whatever is still missing under the lock is read there."""
+        from the store (users, dedup entries, item vectors), so that the next batch's
+        reads overlap this one's journal append. Whatever is still missing under the
+        lock is read there."""
         state = self.state
         epochs, evicted = dict(state.owned), state.totals["evicted"]
-        users = {e[0] for e in events}
-        absent = await state.load([u for u in users if state.partition(u) in epochs])
-        await state.load_item_vectors(e[1] for e in events)
+        users = [u for u in batch.users() if state.partition(u) in epochs]
+        absent = await state.load(users)
+        await state.load_dedup(state.dedup_keys(source, batch.events))
+        await state.load_item_vectors(e[1] for e in batch.events)
         return Prefetched(absent=set(absent), epochs=epochs, evicted=evicted)
 
     async def delete_user(self, user_id: str) -> bool:
-        """Privacy delete: journal it, drop it from memory and store, leave a tombstone."""
+        """Privacy delete: journal it, drop it from memory, then from the store with a
+        tombstone. Once journaled the delete holds: should the store call fail, no
+        load brings the user back and the next checkpoint (or a replay) redoes it."""
+        state = self.state
         async with self._write_lock, self._checkpoint_lock:
-            await asyncio.to_thread(self.state.journal_delete, user_id)
-            stored = await asyncio.to_thread(self.state.store.get_profiles, [user_id])
-            await asyncio.to_thread(self.state.store.delete_profiles, [user_id])
-            await asyncio.to_thread(self.state.store.add_tombstones, {user_id: time.time()})
-            # Forgotten after the store delete: a load that read the old row is either
-            # installed before this (and dropped here) or after it (and refused).
-            return self.state.forget_deleted(user_id) or bool(stored)
+            stored = await asyncio.to_thread(state.fetch_profiles, [user_id])
+            deleted_at = time.time()
+            await asyncio.to_thread(state.journal_delete, user_id, deleted_at)
+            held = state.forget_deleted(user_id, deleted_at)
+            try:
+                await asyncio.to_thread(state.finish_deletes, {user_id: deleted_at})
+            except PersonaError as exc:
+                log.warning("%s: delete of %s left to the checkpoint: %s", state.name, user_id, exc)
+            return held or any("deleted_at" not in r for r in stored.values())
 
     # --- reads ---
     async def get_profiles(self, user_ids: list[str]) -> dict:
@@ -197,30 +245,48 @@ class ProfileShard:
             self.state.evict(victims, positions)
 
     # --- partition hand-over ---
-    async def release_partitions(self, partitions: list[int]) -> dict[int, int]:
-        """Stop writes to the partitions, checkpoint, forget their users; return the
-        epochs they were held at (the mover advances them in the store)."""
+    async def release_partitions(self, partitions: list[int], target: str) -> dict[int, int]:
+        """Hand partitions to ``target``: stop writes to them, checkpoint, then advance
+        their epochs in the store to ``target`` (compare-and-set), and forget their
+        users. Should any step fail, the shard owns again whatever the store still
+        says it owns, as it was. Returns the new epochs."""
+        state = self.state
         async with self._write_lock:
-            epochs = self.state.stop_owning(partitions)
-            await self.checkpoint()
-            self.state.forget_partitions(epochs)
-        return epochs
+            epochs = state.stop_owning(partitions)
+            try:
+                await self.checkpoint()
+                new = await asyncio.to_thread(state.store.claim_partitions, target, epochs)
+            except BaseException:
+                with contextlib.suppress(PersonaError):
+                    state.sync_ownership(await asyncio.to_thread(state.store.get_assignments))
+                raise
+            state.handed_over(epochs)
+        return new
 
-    async def acquire_partitions(self, epochs: dict[int, int], previous_owner: str) -> int:
-        """Own partitions at their new epochs, taking over their remembered batch ids."""
+    async def acquire_partitions(self) -> int:
+        """Own what the store says this shard owns (idempotent: a mover that died
+        before calling this leaves the shard to adopt on its first write)."""
         async with self._write_lock:
-            ids = await asyncio.to_thread(
-                self.state.previous_owner_batch_ids, previous_owner, list(epochs)
-            )
-            self.state.acquire(epochs, ids)
-        return len(epochs)
+            assignments = await asyncio.to_thread(self.state.store.get_assignments)
+            return len(self.state.sync_ownership(assignments))
 
     async def item_signals(self, now: float) -> dict:
         """Trending and co-engagement snapshot decayed to ``now`` (for the recommender)."""
         return self.state.item_stats.snapshot(now)
 
     async def stats(self) -> dict:
-        return {**self.state.stats(), "recovery_s": self.recovery_s}
+        """Counters, plus the journal rows kept aside in the store (from any incarnation)."""
+        try:
+            quarantined = await asyncio.to_thread(self.state.store.get_quarantine, self.state.name)
+        except PersonaError as exc:
+            quarantined = f"unknown ({exc})"
+        else:
+            quarantined = [{"seq": seq, "reason": reason} for seq, reason in quarantined]
+        return {
+            **self.state.stats(),
+            "recovery_s": self.recovery_s,
+            "quarantined_rows": quarantined,
+        }
 
     async def ping(self) -> str:
         return self.state.name
@@ -235,21 +301,23 @@ class ProfileShard:
 
     # --- checkpoints ---
     async def checkpoint(self) -> dict:
-        """Write dirty profiles and the journal position, then trim the journal."""
+        """Redo pending store deletes, write dirty profiles and changed dedup entries,
+        record the journal position, then trim the journal."""
         state = self.state
         async with self._checkpoint_lock:
             started = time.monotonic()
-            seq, users, meta = state.begin_checkpoint()
+            plan = state.begin_checkpoint()
             try:
-                await state.write_profiles(users)
-                await asyncio.to_thread(state.finish_checkpoint, seq, meta)
+                await asyncio.to_thread(state.finish_deletes, plan.deletes)
+                await state.write_profiles(plan.users)
+                await asyncio.to_thread(state.finish_checkpoint, plan)
             except BaseException:
-                state.table.mark_dirty(users)
+                state.abort_checkpoint(plan)
                 raise
             return {
                 "shard": state.name,
-                "seq": seq,
-                "profiles": len(users),
+                "seq": plan.seq,
+                "profiles": len(plan.users),
                 "seconds": time.monotonic() - started,
             }
 
@@ -270,7 +338,7 @@ def shard_actor(settings: Settings, name: str, partitions: int):
         get_if_exists=True,
         max_restarts=-1,
         # Calls in flight when the actor dies are re-sent to the restarted actor;
-        # batch ids make that safe.
+        # (source, line) dedup makes that safe.
         max_task_retries=-1,
         max_concurrency=1000,
         num_cpus=settings.shard_cpus,

@@ -4,17 +4,25 @@ ProfileShard (actors/shard.py) wraps this in an async Ray actor and decides whic
 steps run in a thread (store I/O) and which on the event loop (memory). Kept
 separate so the protocol reads top to bottom in one place:
 
-1. apply:      dedupe (batch id, partition) -> validate -> ownership fence -> load
-               missing users -> append journal row (write-ahead) -> apply -> ack.
-2. checkpoint: take the dirty set and the last journal position -> write dirty
-               profiles -> record the position (with remembered batch ids) -> trim.
-3. recover:    read the checkpoint -> replay later journal rows, loading users
-               lazily and skipping rows a profile already contains.
-4. hand-over:  release (stop writes, checkpoint, forget the users) on the old
-               owner; the store's epoch advances; acquire on the new owner, which
-               takes over the partition's remembered batch ids.
-5. passivate:  beyond the resident cap, the least recently used profiles are
-               written (if dirty) and dropped; they load again on demand.
+1. apply:      check -> load the batch's users and its dedup entries -> drop lines
+               already applied and events older than a user's delete -> fence ->
+               append journal row (write-ahead) -> apply -> record the lines -> ack.
+2. checkpoint: take the dirty set, the changed dedup entries, the pending deletes and
+               the last journal position -> redo pending store deletes -> write
+               profiles and dedup entries -> record the position -> trim.
+3. recover:    read the checkpoint -> replay later journal rows, each event only into
+               a partition owned at the epoch the row was fenced with (a row that
+               landed after a timeout and a move is not ours to apply); a row that
+               cannot be applied is quarantined, never crash-looped on.
+4. hand-over:  the old owner stops writes, checkpoints, and itself advances the
+               store's epoch to the new owner; the new owner adopts partitions the
+               store says it owns (on the mover's call, or lazily on its first write).
+5. passivate:  beyond the resident cap, the least recently used profiles that no
+               batch in flight holds are written (if dirty) and dropped.
+
+Users leave memory by eviction, delete or hand-over; every removal is counted, and a
+store read that began before a user's removal is not installed (it may predate what
+the removal wrote), but read again.
 """
 
 from __future__ import annotations
@@ -22,31 +30,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from actors.catalog import decode_item, item_vector
+from actors.dedup import DedupIndex, LineSet, dedup_key
 from actors.events import EventValidator, ValidEvent
 from actors.item_stats import ItemStats
 from actors.profile import ProfileRules
 from actors.profile_table import ProfileTable
 from actors.routing import partition_of
-from persona.errors import CorruptRecord, JournalConflict, StaleEpoch
+from persona.errors import ConfigError, CorruptRecord, JournalConflict, PersonaError, StaleEpoch
 from persona.settings import Settings
-from storage import Checkpoint, Store, codec
+from storage import Assignment, Checkpoint, Store, codec
 
 log = logging.getLogger(__name__)
 
 # Profiles encoded between yields to the event loop during a checkpoint (~30 ms of
 # encoding), and written per store call.
 CHECKPOINT_CHUNK = 5_000
-# Deleted users remembered for loads in flight (far more than can be in flight).
-DELETES_REMEMBERED = 10_000
+# Users whose removal (eviction, delete, hand-over) is remembered for loads in flight;
+# a load older than the oldest remembered removal is read again rather than trusted.
+REMOVALS_REMEMBERED = 100_000
+# Deleted users whose delete time is kept in memory (older events for them are dropped).
+TOMBSTONES_REMEMBERED = 100_000
 # Item vectors cached per shard for the interest embedding; bounded, cleared when full.
 ITEM_CACHE_LIMIT = 200_000
+# Store reads of a batch's users retried when removals keep racing them.
+LOAD_ATTEMPTS = 5
 
 
 @dataclass
@@ -66,15 +80,28 @@ class Ack:
 
 
 @dataclass
-class PreparedBatch:
-    """A batch ready to be journaled: its new events (batch order), their users (with
-    each one's partition), and its row blob."""
+class CheckedBatch:
+    """A batch's valid events with their lines, and why the others were rejected."""
 
-    batch_id: str
+    events: list[ValidEvent]
+    lines: list[int]
+    errors: list[dict]
+
+    def users(self) -> list[str]:
+        return list(dict.fromkeys(e[0] for e in self.events))
+
+
+@dataclass
+class PreparedBatch:
+    """A batch ready to be journaled: its new events (batch order) and their lines,
+    their users (with each one's partition), its dedup keys and its row blob."""
+
+    source: str
     seq: int
     events: list[ValidEvent]
+    lines: list[int]
     users: dict[str, int]
-    partitions: list[int]
+    keys: dict[str, tuple[int, list[int]]]
     blob: bytes
     fence: dict[int, int]
     ack: Ack
@@ -86,21 +113,29 @@ class ShardState:
         self.store = store
         self.settings = settings
         self.partitions = partitions
+        self.fingerprint = settings.model_fingerprint()
         self.rules = ProfileRules.from_settings(settings)
         self.validator = EventValidator(self.rules.actions, settings.max_future_seconds)
         # Resident profiles, column-wise; also tracks dirty rows and recency (LRU).
         self.table = ProfileTable(self.rules)
-        # Per partition, so that a partition's memory of applied batches moves with it.
-        self.batch_ids: dict[int, OrderedDict[str, None]] = {}
+        self.dedup = DedupIndex(settings.dedup_memory_entries)
         self.owned: dict[int, int] = {}
+        # Partitions this shard stopped writing for a hand-over that has not been
+        # confirmed in the store yet (restored if the hand-over fails).
+        self.releasing: dict[int, int] = {}
         self.last_seq = 0  # last journal position written (and applied)
         self.checkpoint_seq = 0
         self.item_vectors: dict[str, np.ndarray] = {}
         self.items_checked: set[str] = set()
-        # Deletes so far, and the count at each recent user's delete: a load that began
-        # before a user's delete must not make the user resident again.
-        self.deletes = 0
-        self.deleted_at: OrderedDict[str, int] = OrderedDict()
+        # Users a batch in flight holds: never evicted under it.
+        self.pinned: Counter[str] = Counter()
+        # Removals so far, and the count at each recently removed user's removal.
+        self.removals = 0
+        self.removed_at: OrderedDict[str, int] = OrderedDict()
+        self.removals_forgotten = 0  # removal count of the newest entry no longer kept
+        # Delete time of recently deleted users, and deletes the store has not taken yet.
+        self.tombstones: OrderedDict[str, float] = OrderedDict()
+        self.pending_deletes: dict[str, float] = {}
         self.item_stats = ItemStats(settings, settings.action_weights)
         self.totals = {
             "applied": 0,
@@ -109,6 +144,7 @@ class ShardState:
             "loaded": 0,
             "evicted": 0,
             "load_misses": 0,
+            "quarantined": 0,
         }
         self.last_checkpoint_at = time.monotonic()
 
@@ -117,38 +153,43 @@ class ShardState:
 
     # --- ownership ---
     def refresh_ownership(self) -> dict[int, int]:
-        self.owned = {
-            p: a.epoch for p, a in self.store.get_assignments().items() if a.owner == self.name
-        }
+        return self.sync_ownership(self.store.get_assignments())
+
+    def sync_ownership(self, assignments: Mapping[int, Assignment]) -> dict[int, int]:
+        """Own what the store says this shard owns. A partition gained afresh (or at a
+        new epoch) starts with nothing of it in memory; one lost without a hand-over
+        is dropped; one whose hand-over failed is owned again as it was."""
+        now = {p: a.epoch for p, a in assignments.items() if a.owner == self.name}
+        before = {**self.releasing, **self.owned}
+        stale = {p for p in set(before) | set(now) if before.get(p) != now.get(p)}
+        if stale:
+            self.forget_partitions(stale)
+        self.owned, self.releasing = now, {}
         return self.owned
 
     def stop_owning(self, partitions: Iterable[int]) -> dict[int, int]:
         """Refuse further writes to partitions; return the epochs they were held at."""
-        return {p: self.owned.pop(p) for p in partitions if p in self.owned}
+        stopped = {p: self.owned.pop(p) for p in partitions if p in self.owned}
+        self.releasing.update(stopped)
+        return stopped
+
+    def handed_over(self, partitions: Iterable[int]) -> None:
+        """The store now names another owner: drop the partitions' users and entries."""
+        partitions = list(partitions)
+        for p in partitions:
+            self.releasing.pop(p, None)
+        self.forget_partitions(partitions)
 
     def forget_partitions(self, partitions: Iterable[int]) -> int:
-        """Drop the users of partitions (after a checkpoint wrote them)."""
+        """Drop the users and dedup entries of partitions (written before, or not ours)."""
         partitions = set(partitions)
+        if not partitions:
+            return 0
         gone = [u for u in self.table if self.partition(u) in partitions]
         for user in gone:
-            self.forget_user(user)
+            self._remove(user)
+        self.dedup.forget_partitions(partitions)
         return len(gone)
-
-    def acquire(self, epochs: Mapping[int, int], batch_ids: Mapping[int, list[str]]) -> None:
-        for partition, epoch in epochs.items():
-            self.owned[partition] = epoch
-            remembered = self.batch_ids.setdefault(partition, OrderedDict())
-            for batch_id in batch_ids.get(partition, []):
-                remembered[batch_id] = None
-
-    def previous_owner_batch_ids(self, owner: str, partitions: Iterable[int]) -> dict[int, list]:
-        """A partition's remembered batch ids, from its previous owner's checkpoint."""
-        checkpoint = self.store.get_checkpoint(owner)
-        if checkpoint is None or not checkpoint.meta:
-            return {}
-        meta = codec.decode(checkpoint.meta, what=f"checkpoint of {owner}")
-        ids = meta.get("batch_ids", {})
-        return {p: ids.get(p, []) for p in partitions}
 
     # --- recovery ---
     def recover(self) -> int:
@@ -159,44 +200,84 @@ class ShardState:
             self.checkpoint_seq = self.last_seq = checkpoint.seq
             if checkpoint.meta:
                 meta = codec.decode(checkpoint.meta, what=f"checkpoint of {self.name}")
-                self.batch_ids = {
-                    int(p): OrderedDict.fromkeys(ids)
-                    for p, ids in meta.get("batch_ids", {}).items()
-                }
                 self.item_stats.restore(meta.get("item_stats"))
         return self.catch_up()
 
     def catch_up(self) -> int:
         """Apply journal rows after last_seq (after a restart, or rows another
-        incarnation of this shard wrote). Rows a profile already holds are skipped.
+        incarnation of this shard wrote, or an append that timed out but landed).
 
-        The users the rows touch are loaded from the store in one bulk read before
-        anything is applied: one grouped request per ~100 users instead of a round
-        trip per row is most of what recovery costs."""
-        rows = [
-            (seq, codec.decode(blob, what=f"journal {self.name}@{seq}"))
-            for seq, blob in self.store.read_journal(self.name, self.last_seq)
-        ]
+        Each event is applied only if this shard owns its partition at the epoch the
+        row was fenced with: a row that landed after its partition moved was never
+        acknowledged, and the new owner holds the truth. Users and dedup entries the
+        rows touch are loaded in bulk first (a round trip per row is most of what
+        recovery would otherwise cost). A row that cannot be decoded or applied is
+        quarantined (kept in the store, reported) and skipped."""
+        rows = []
+        for seq, blob in self.store.read_journal(self.name, self.last_seq):
+            try:
+                rows.append((seq, blob, journal_row(codec.decode(blob, what=f"journal@{seq}"))))
+            except (CorruptRecord, KeyError, TypeError, ValueError) as exc:
+                self.quarantine(seq, blob, f"undecodable: {exc}")
+                rows.append((seq, blob, None))
         deleted_later: set[str] = set()
         touched: dict[str, None] = {}
-        for _seq, row in reversed(rows):
-            if "delete" in row:
-                deleted_later.add(row["delete"])
-            else:
-                for event in row["events"]:
-                    if event[0] not in deleted_later:
-                        touched[event[0]] = None
+        keys: dict[str, int] = {}
+        for _seq, _blob, row in reversed(rows):
+            if row is None:
+                continue
+            if row.deleted is not None:
+                deleted_later.add(row.deleted)
+                continue
+            for _line, event in self._ours(row):
+                partition = self.partition(event[0])
+                keys[dedup_key(partition, row.source)] = partition
+                if event[0] not in deleted_later:
+                    touched[event[0]] = None
         self.load_missing(touched)
-        for seq, row in rows:
-            if "delete" in row:
-                self.forget_deleted(row["delete"])
-                self.store.delete_profiles([row["delete"]])
-            else:
-                events = row["events"]
-                self.apply_in_memory(events, seq)
-                self.remember(row["batch_id"], {self.partition(e[0]) for e in events})
+        self.install_dedup(self.fetch_dedup(self.dedup.unknown(keys)), keys)
+        for seq, blob, row in rows:
+            if row is not None:
+                try:
+                    self._replay(seq, row)
+                except (PersonaError, KeyError, TypeError, ValueError) as exc:
+                    self.quarantine(seq, blob, f"cannot be applied: {type(exc).__name__}: {exc}")
             self.last_seq = seq
+        if self.pending_deletes:
+            self.finish_deletes(dict(self.pending_deletes))
         return len(rows)
+
+    def _ours(self, row: JournalRow) -> list[tuple[int, Sequence]]:
+        """(line, event) of a row's events whose partition is owned at the row's epoch."""
+        owned = self.owned
+        kept = []
+        for line, event in zip(row.lines, row.events, strict=True):
+            partition = self.partition(event[0])
+            epoch = owned.get(partition)
+            if epoch is not None and (row.fence is None or row.fence.get(partition) == epoch):
+                kept.append((line, event))
+        return kept
+
+    def _replay(self, seq: int, row: JournalRow) -> None:
+        if row.deleted is not None:
+            partition = self.partition(row.deleted)
+            if partition in self.owned and (
+                row.fence is None or row.fence.get(partition) == self.owned[partition]
+            ):
+                self.forget_deleted(row.deleted, row.deleted_at)
+            return
+        kept = self._ours(row)
+        if not kept:
+            return
+        events = [tuple(e) for _, e in kept]
+        self.check_trusted(events)
+        self.apply_in_memory(events, seq)
+        self.record_lines(row.source, events, [line for line, _ in kept])
+
+    def quarantine(self, seq: int, blob: bytes, reason: str) -> None:
+        log.error("%s: journal row %d quarantined: %s", self.name, seq, reason)
+        self.store.quarantine(self.name, seq, blob, reason)
+        self.totals["quarantined"] += 1
 
     # --- loading ---
     def missing_users(self, user_ids: Iterable[str]) -> list[str]:
@@ -204,7 +285,9 @@ class ShardState:
         return [u for u in user_ids if u not in table]
 
     def fetch_profiles(self, user_ids: list[str]) -> dict[str, dict]:
-        """Read and decode users' stored records (blocking I/O, no memory changes)."""
+        """Read and decode users' stored records (blocking I/O, no memory changes).
+        Users the store holds no profile for get their tombstone, if they have one,
+        as ``{"deleted_at": t}``: events older than a delete must not bring them back."""
         if not user_ids:
             return {}
         loaded = {}
@@ -214,39 +297,81 @@ class ShardState:
             except CorruptRecord:
                 log.exception("profile %s is corrupt in the store; not loaded", user)
                 raise
+        absent = [u for u in user_ids if u not in loaded]
+        if absent:
+            for user, at in self.store.get_tombstones(absent).items():
+                loaded[user] = {"deleted_at": at}
         return loaded
 
-    def install(self, loaded: Mapping[str, dict], since: int | None = None) -> None:
-        """Make loaded records resident unless a newer copy got there first, their
-        partition was handed over while they were being read (a stale copy kept here
-        would shadow the new owner's writes if the partition ever came back), or
-        they were deleted after deletion count ``since`` (when the read began)."""
-        table, owned, deleted = self.table, self.owned, self.deleted_at
-        fresh = [
-            record
-            for user, record in loaded.items()
-            if user not in table
-            and self.partition(user) in owned
-            # read before a delete landed: it must not come back
-            and (since is None or deleted.get(user, -1) <= since)
-        ]
+    def install(self, loaded: Mapping[str, dict], since: int | None = None) -> list[str]:
+        """Make loaded records resident unless a newer copy got there first or their
+        partition is not ours (a stale copy kept here would shadow the new owner's
+        writes). Returns the users whose read began before their removal (count
+        ``since``): their record may predate what the removal wrote, so the caller
+        reads them again."""
+        table, owned, removed_at = self.table, self.owned, self.removed_at
+        stale_all = since is not None and since < self.removals_forgotten
+        fresh, again = [], []
+        for user, record in loaded.items():
+            if user in table or self.partition(user) not in owned:
+                continue
+            if since is not None and (stale_all or removed_at.get(user, -1) > since):
+                again.append(user)
+                continue
+            if user in self.pending_deletes:
+                continue  # the store has not taken the delete yet: what it holds is gone
+            if "deleted_at" in record:
+                self._remember_tombstone(user, record["deleted_at"])
+                continue
+            if "dt" in record:
+                self._remember_tombstone(user, record["dt"])
+            fresh.append(record)
         table.put_records(fresh)
         self.totals["loaded"] += len(fresh)
+        return again
 
     def load_missing(self, user_ids: Iterable[str]) -> None:
         self.install(self.fetch_profiles(self.missing_users(user_ids)))
 
     async def load(self, user_ids: Iterable[str]) -> list[str]:
         """load_missing with the store read off the event loop; other calls (applies,
-        deletes) run meanwhile. Returns the users the store does not hold."""
+        deletes, evictions) run meanwhile. Returns the users the store does not hold."""
         missing = self.missing_users(user_ids)
         if not missing:
             return []
         self.totals["load_misses"] += len(missing)
-        since = self.deletes
-        loaded = await asyncio.to_thread(self.fetch_profiles, missing)
-        self.install(loaded, since)
-        return [u for u in missing if u not in loaded]
+        absent: list[str] = []
+        for _attempt in range(LOAD_ATTEMPTS):
+            since = self.removals
+            loaded = await asyncio.to_thread(self.fetch_profiles, missing)
+            again = self.install(loaded, since)
+            absent += [u for u in missing if u not in loaded or "deleted_at" in loaded[u]]
+            missing = self.missing_users(again)
+            if not missing:
+                return absent
+        raise StaleEpoch(f"{self.name}: loads kept racing evictions; retry")
+
+    def fetch_dedup(self, keys: list[str]) -> tuple[list[str], dict[str, LineSet]]:
+        """The stored applied lines of dedup keys (blocking I/O)."""
+        if not keys:
+            return keys, {}
+        found = {
+            key: LineSet.decode(blob, what=f"dedup record {key}")
+            for key, blob in self.store.get_dedup(keys).items()
+        }
+        return keys, found
+
+    def install_dedup(self, fetched: tuple[list[str], dict[str, LineSet]], partitions) -> None:
+        asked, found = fetched
+        owned = self.owned
+        asked = [k for k in asked if partitions[k] in owned]
+        self.dedup.install(found, asked, partitions)
+
+    async def load_dedup(self, keys: Mapping[str, int]) -> None:
+        """Read the dedup entries of keys not in memory (off the event loop)."""
+        unknown = self.dedup.unknown(k for k, p in keys.items() if p in self.owned)
+        if unknown:
+            self.install_dedup(await asyncio.to_thread(self.fetch_dedup, unknown), keys)
 
     async def load_item_vectors(self, item_ids: Iterable[str]) -> None:
         """Cache the catalog embeddings of items not looked up before (off the loop)."""
@@ -279,47 +404,108 @@ class ShardState:
         self.item_vectors.update((i, v) for i, v in vectors.items() if v is not None)
 
     # --- applying ---
-    def remember(self, batch_id: str, partitions: Iterable[int]) -> None:
-        limit = self.settings.remembered_batch_ids
-        for partition in partitions:
-            remembered = self.batch_ids.setdefault(partition, OrderedDict())
-            remembered[batch_id] = None
-            while len(remembered) > limit:
-                remembered.popitem(last=False)
-
-    def prepare(self, batch_id: str, events, *, validated: bool = False) -> PreparedBatch | Ack:
-        """Validate, dedupe and fence a batch; an Ack means there is nothing to journal.
-
-        Duplicates are decided per (batch id, partition): a batch retried after some
-        of its partitions moved to another shard is still applied exactly once."""
+    def check(self, events, lines: Sequence[int] | None, *, validated: bool) -> CheckedBatch:
+        """Validate a batch (or check a pre-validated one against this shard's rules)
+        and pair each valid event with its line (default: its index)."""
+        if lines is not None and len(lines) != len(events):
+            raise ConfigError(f"{len(lines)} lines for {len(events)} events")
+        if lines is None:
+            lines = range(len(events))
         if validated:
-            valid, errors = [tuple(e) for e in events], []
-        else:
-            valid, errors = self.validator.validate(events)
+            valid = [tuple(e) for e in events]
+            self.check_trusted(valid)
+            return CheckedBatch(valid, list(lines), [])
+        valid, errors = self.validator.validate(events)
         self.totals["rejected"] += len(errors)
-        partition_of_user = {u: self.partition(u) for u in dict.fromkeys(e[0] for e in valid)}
+        bad = {e["index"] for e in errors}
+        kept = [line for n, line in enumerate(lines) if n not in bad]
+        return CheckedBatch(valid, kept, errors)
+
+    def check_trusted(self, events: Sequence[Sequence]) -> None:
+        """Refuse pre-validated events this shard's rules cannot apply (a fleet started
+        with other settings): checked before the journal append, so no row that
+        cannot be applied is ever written."""
+        codes = self.rules.codes
+        for event in events:
+            if len(event) != 6 or not isinstance(event[0], str) or event[2] not in codes:
+                raise ConfigError(
+                    f"{self.name} cannot apply {str(event)[:120]}: its actions are "
+                    f"{', '.join(self.rules.actions)}; the sender runs with other settings"
+                )
+
+    def dedup_keys(self, source: str, events: Iterable[Sequence]) -> dict[str, int]:
+        partition = self.partition
+        return {dedup_key(p, source): p for p in {partition(e[0]) for e in events}}
+
+    def record_lines(self, source: str, events: Sequence[Sequence], lines: Sequence[int]) -> None:
+        by_key: dict[str, tuple[int, list[int]]] = {}
+        for event, line in zip(events, lines, strict=True):
+            partition = self.partition(event[0])
+            by_key.setdefault(dedup_key(partition, source), (partition, []))[1].append(line)
+        for key, (partition, key_lines) in by_key.items():
+            self.dedup.record(key, partition, key_lines)
+
+    def prepare(self, source: str, batch: CheckedBatch) -> PreparedBatch | Ack:
+        """Drop already applied lines and events older than their user's delete, and
+        fence the rest; an Ack means there is nothing to journal.
+
+        Duplicates are decided per (source, partition, line): a file rerun with any
+        batch size, or a batch retried after some of its partitions moved to another
+        shard, is applied exactly once. The users and dedup entries must be loaded."""
+        partition_of_user = {u: self.partition(u) for u in batch.users()}
         not_owned = {p for p in partition_of_user.values() if p not in self.owned}
         if not_owned:
             raise StaleEpoch(
                 f"{self.name} does not own partition(s) {sorted(not_owned)[:10]}; "
                 "refresh the assignment and resend"
             )
-        seen = {p for p in set(partition_of_user.values()) if batch_id in self.batch_ids.get(p, ())}
-        duplicate = 0
-        if seen:
-            fresh = [e for e in valid if partition_of_user[e[0]] not in seen]
-            duplicate = len(valid) - len(fresh)
-            valid = fresh
-            self.totals["duplicate"] += duplicate
-            partition_of_user = {u: p for u, p in partition_of_user.items() if p not in seen}
-        ack = Ack(applied=len(valid), duplicate=duplicate, rejected=len(errors), errors=errors)
-        if not valid:
+        seen: dict[str, list[bool]] = {}
+        grouped: dict[str, list[int]] = {}
+        for n, event in enumerate(batch.events):
+            grouped.setdefault(dedup_key(partition_of_user[event[0]], source), []).append(n)
+        duplicate_at: set[int] = set()
+        for key, indexes in grouped.items():
+            seen[key] = self.dedup.seen(key, [batch.lines[n] for n in indexes])
+            duplicate_at.update(n for n, dup in zip(indexes, seen[key], strict=True) if dup)
+        errors = list(batch.errors)
+        events, lines = [], []
+        tombstones = self.tombstones
+        for n, event in enumerate(batch.events):
+            if n in duplicate_at:
+                continue
+            deleted = tombstones.get(event[0])
+            if deleted is not None and event[3] <= deleted:
+                errors.append(
+                    {
+                        "index": n,
+                        "reason": f"user {event[0]!r} was deleted at {deleted:.0f}; "
+                        "events from before the delete are dropped",
+                    }
+                )
+                continue
+            events.append(event)
+            lines.append(batch.lines[n])
+        dropped = len(errors) - len(batch.errors)
+        self.totals["duplicate"] += len(duplicate_at)
+        self.totals["rejected"] += dropped
+        ack = Ack(
+            applied=len(events),
+            duplicate=len(duplicate_at),
+            rejected=len(errors),
+            errors=errors,
+        )
+        if not events:
             return ack
-        partitions = sorted(set(partition_of_user.values()))
+        users = {e[0]: partition_of_user[e[0]] for e in events}
+        keys: dict[str, tuple[int, list[int]]] = {}
+        for event, line in zip(events, lines, strict=True):
+            partition = users[event[0]]
+            keys.setdefault(dedup_key(partition, source), (partition, []))[1].append(line)
+        partitions = sorted(set(users.values()))
         fence = {p: self.owned[p] for p in partitions}
-        blob = codec.encode({"batch_id": batch_id, "events": valid})
+        blob = codec.encode({"source": source, "events": events, "lines": lines, "fence": fence})
         seq = self.last_seq + 1
-        return PreparedBatch(batch_id, seq, valid, partition_of_user, partitions, blob, fence, ack)
+        return PreparedBatch(source, seq, events, lines, users, keys, blob, fence, ack)
 
     def append(self, batch: PreparedBatch) -> None:
         """Write-ahead: the journal row must be durable before anything is applied.
@@ -347,20 +533,43 @@ class ShardState:
         )
 
     def commit(self, batch: PreparedBatch) -> Ack:
-        self.apply_in_memory(batch.events, batch.seq)
-        self.remember(batch.batch_id, batch.partitions)
+        """Apply a journaled batch. The events were checked before the append; should
+        applying still fail, the row is quarantined rather than replayed forever."""
+        try:
+            self.apply_in_memory(batch.events, batch.seq)
+        except Exception as exc:
+            self.last_seq = batch.seq
+            self.quarantine(batch.seq, batch.blob, f"cannot be applied: {exc!r}")
+            raise PersonaError(
+                f"{self.name}: batch {batch.source} could not be applied and was quarantined "
+                f"at journal position {batch.seq}: {exc!r}"
+            ) from exc
+        for key, (partition, lines) in batch.keys.items():
+            self.dedup.record(key, partition, lines)
         self.last_seq = batch.seq
         self.totals["applied"] += batch.ack.applied
         return batch.ack
 
+    # --- pinning (batches in flight) ---
+    def pin(self, users: Iterable[str]) -> None:
+        self.pinned.update(users)
+
+    def unpin(self, users: Iterable[str]) -> None:
+        self.pinned.subtract(users)
+        for user in [u for u, n in self.pinned.items() if n <= 0]:
+            del self.pinned[user]
+
     # --- passivation ---
     def eviction_candidates(self) -> list[str]:
         """Least recently used users beyond the cap (with 5% slack, so eviction runs in
-        batches rather than on every call)."""
+        batches rather than on every call), except users a batch in flight holds."""
         cap = self.settings.max_resident_profiles
         if not cap or len(self.table) <= cap:
             return []
-        return self.table.least_recent(len(self.table) - int(cap * 0.95))
+        count = len(self.table) - int(cap * 0.95)
+        pinned = self.pinned
+        candidates = self.table.least_recent(count + len(pinned))
+        return [u for u in candidates if u not in pinned][:count]
 
     def encode_for_eviction(self, users: Iterable[str]) -> tuple[dict[str, bytes], dict[str, int]]:
         """Blobs of the dirty users among ``users`` and the journal position each had."""
@@ -374,49 +583,86 @@ class ShardState:
         evicted = 0
         table = self.table
         for user in users:
-            if user not in table:
+            if user not in table or user in self.pinned:
                 continue
             if table.is_dirty(user) and written.get(user) != table.position_of(user):
                 continue
-            table.remove(user)
+            self._remove(user)
             evicted += 1
         self.totals["evicted"] += evicted
         return evicted
 
+    def _remove(self, user: str) -> bool:
+        """Drop a resident user, remembering when (for loads in flight)."""
+        self.removals += 1
+        self.removed_at[user] = self.removals
+        self.removed_at.move_to_end(user)
+        while len(self.removed_at) > REMOVALS_REMEMBERED:
+            _user, count = self.removed_at.popitem(last=False)
+            self.removals_forgotten = count
+        return self.table.remove(user)
+
     # --- deleting ---
     def forget_user(self, user_id: str) -> bool:
-        return self.table.remove(user_id)
+        return self._remove(user_id)
 
-    def forget_deleted(self, user_id: str) -> bool:
-        """Forget a user that is being deleted, so that loads in flight drop it too."""
-        self.deletes += 1
-        self.deleted_at[user_id] = self.deletes
-        self.deleted_at.move_to_end(user_id)
-        while len(self.deleted_at) > DELETES_REMEMBERED:
-            self.deleted_at.popitem(last=False)
-        return self.forget_user(user_id)
+    def _remember_tombstone(self, user_id: str, deleted_at: float) -> None:
+        self.tombstones[user_id] = max(deleted_at, self.tombstones.get(user_id, deleted_at))
+        self.tombstones.move_to_end(user_id)
+        while len(self.tombstones) > TOMBSTONES_REMEMBERED:
+            self.tombstones.popitem(last=False)
 
-    def journal_delete(self, user_id: str) -> int:
+    def forget_deleted(self, user_id: str, deleted_at: float) -> bool:
+        """Forget a user whose delete is journaled. Until the store has taken the
+        delete, no load may bring the stored profile back, and every checkpoint
+        redoes the store delete before it trims the journal."""
+        self._remember_tombstone(user_id, deleted_at)
+        self.pending_deletes[user_id] = deleted_at
+        return self._remove(user_id)
+
+    def journal_delete(self, user_id: str, deleted_at: float) -> int:
         """Journal a delete, fenced like any write: only the owner may delete."""
         partition = self.partition(user_id)
         if partition not in self.owned:
             raise StaleEpoch(f"{self.name} does not own partition {partition}; resend")
         seq = self.last_seq + 1
+        fence = {partition: self.owned[partition]}
         self.store.append_journal(
             self.name,
             seq,
-            codec.encode({"delete": user_id}),
-            fence={partition: self.owned[partition]},
+            codec.encode({"delete": user_id, "at": deleted_at, "fence": fence}),
+            fence=fence,
         )
         self.last_seq = seq
         return seq
 
+    def finish_deletes(self, deletes: Mapping[str, float]) -> None:
+        """Delete users' stored profiles and record their tombstones (blocking I/O);
+        those still pending with the same time are done."""
+        if not deletes:
+            return
+        self.store.delete_profiles(list(deletes))
+        self.store.add_tombstones(dict(deletes))
+        for user, at in deletes.items():
+            if self.pending_deletes.get(user) == at:
+                del self.pending_deletes[user]
+
     # --- checkpointing ---
-    def begin_checkpoint(self) -> tuple[int, list[str], bytes]:
-        """Swap out the dirty set; everything journaled up to the returned position
-        is in memory, every profile it touched is in the returned list, and the
-        returned meta (batch ids, item signals) is as of that same position."""
-        return self.last_seq, self.table.take_dirty(), self.checkpoint_meta()
+    def begin_checkpoint(self) -> CheckpointPlan:
+        """Swap out the dirty set and the changed dedup entries: everything journaled
+        up to the returned position is in memory, and every profile and entry it
+        touched is in the plan, as are the deletes the store has not taken yet."""
+        return CheckpointPlan(
+            seq=self.last_seq,
+            users=self.table.take_dirty(),
+            dedup=self.dedup.take_dirty(),
+            deletes=dict(self.pending_deletes),
+            meta=self.checkpoint_meta(),
+        )
+
+    def abort_checkpoint(self, plan: CheckpointPlan) -> None:
+        self.table.mark_dirty(plan.users)
+        self.dedup.mark_dirty(plan.dedup)
 
     async def write_profiles(self, users: list[str], chunk: int = CHECKPOINT_CHUNK) -> None:
         """Encode and write profiles a chunk at a time, encoding the next chunk while
@@ -437,21 +683,21 @@ class ShardState:
                 await asyncio.wait([writing])  # never leave a write running unobserved
 
     def encode_profiles(self, users: Iterable[str]) -> dict[str, bytes]:
-        return self.table.encode(users)  # users deleted since they were dirtied are skipped
+        """Stored records of resident users (users deleted since they were dirtied are
+        skipped); a user who came back after a delete keeps its delete time."""
+        tombstones = self.tombstones
+        extras = {u: {"dt": tombstones[u]} for u in users if u in tombstones}
+        return self.table.encode(users, extras=extras)
 
     def checkpoint_meta(self) -> bytes:
-        return codec.encode(
-            {
-                "batch_ids": {p: list(ids) for p, ids in self.batch_ids.items()},
-                "item_stats": self.item_stats.state(),
-                "at": time.time(),
-            }
-        )
+        return codec.encode({"item_stats": self.item_stats.state(), "at": time.time()})
 
-    def finish_checkpoint(self, seq: int, meta: bytes) -> None:
-        self.store.put_checkpoint(self.name, Checkpoint(seq=seq, meta=meta))
-        self.store.trim_journal(self.name, seq)
-        self.checkpoint_seq = seq
+    def finish_checkpoint(self, plan: CheckpointPlan) -> None:
+        """Record the position (with the dedup entries as of it), then trim."""
+        self.store.put_dedup(plan.dedup, self.settings.dedup_retention_s)
+        self.store.put_checkpoint(self.name, Checkpoint(seq=plan.seq, meta=plan.meta))
+        self.store.trim_journal(self.name, plan.seq)
+        self.checkpoint_seq = plan.seq
         self.last_checkpoint_at = time.monotonic()
 
     def stats(self) -> dict:
@@ -462,6 +708,42 @@ class ShardState:
             "last_seq": self.last_seq,
             "checkpoint_seq": self.checkpoint_seq,
             "partitions_owned": len(self.owned),
-            "remembered_batch_ids": sum(len(ids) for ids in self.batch_ids.values()),
+            "dedup_entries": len(self.dedup),
+            "pending_deletes": len(self.pending_deletes),
             **self.totals,
         }
+
+
+@dataclass
+class CheckpointPlan:
+    seq: int
+    users: list[str]
+    dedup: dict[str, bytes]
+    deletes: dict[str, float]
+    meta: bytes
+
+
+@dataclass(frozen=True)
+class JournalRow:
+    """One decoded journal row: a batch (source, events, lines) or a delete."""
+
+    source: str = ""
+    events: list = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    fence: dict[int, int] | None = None
+    deleted: str | None = None
+    deleted_at: float = 0.0
+
+
+def journal_row(row: dict) -> JournalRow:
+    """Rows written before lines and fences were journaled read as whole batches
+    (lines = indexes) whose events belong to whoever owns their partition now."""
+    fence = row.get("fence")
+    fence = {int(p): e for p, e in fence.items()} if fence is not None else None
+    if "delete" in row:
+        return JournalRow(deleted=row["delete"], deleted_at=row.get("at", 0.0), fence=fence)
+    events = row["events"]
+    lines = row.get("lines") or list(range(len(events)))
+    return JournalRow(
+        source=row.get("source") or row["batch_id"], events=events, lines=lines, fence=fence
+    )

@@ -80,9 +80,12 @@ class Settings:
     checkpoint_dirty_threshold: int = 50_000
     # Journal rows per Cassandra partition: bounds partition size (a row is one batch).
     journal_bucket_rows: int = 64
-    # Batch ids remembered per partition for duplicate detection (persisted with
-    # checkpoints, handed over with the partition when it moves).
-    remembered_batch_ids: int = 2_000
+    # How long an applied (source, line) is recognised when sent again: a rerun of a
+    # file or a retried Idempotency-Key within this time applies nothing twice.
+    dedup_retention_s: int = 7 * 86_400
+    # (partition, source) entries of applied lines a shard keeps in memory; older
+    # ones are read back from the store when a source shows up again.
+    dedup_memory_entries: int = 100_000
     # Profiles a shard keeps in memory (0: no cap); beyond it the least recently
     # used are passivated (written if dirty, then dropped) and reloaded on demand.
     max_resident_profiles: int = 0
@@ -126,6 +129,16 @@ class Settings:
     max_body_bytes: int = 8 * 1024 * 1024
     http_port: int = 8000
 
+    def model_fingerprint(self) -> str:
+        """A digest of the settings every process that writes profiles must share: the
+        actions and the update rules. A shard refuses batches prepared under another
+        fingerprint (a job or replica started with a different PERSONA_ACTION_WEIGHTS
+        would otherwise journal events its shards cannot apply)."""
+        import hashlib
+
+        shared = {name: getattr(self, name) for name in MODEL_FIELDS}
+        return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
+
     def resolved_store_url(self) -> str:
         if self.store_url:
             return self.store_url
@@ -134,6 +147,21 @@ class Settings:
     @property
     def half_life_seconds(self) -> float:
         return self.half_life_days * 86_400.0
+
+
+# The settings a batch's meaning depends on (see Settings.model_fingerprint).
+MODEL_FIELDS = (
+    "action_weights",
+    "half_life_days",
+    "top_k_topics",
+    "recent_actions",
+    "hidden_items",
+    "embedding_dim",
+    "trending_half_life_days",
+    "co_engagement_half_life_days",
+    "co_engagement_neighbours",
+    "co_engagement_window_s",
+)
 
 
 def _coerce(name: str, raw, kind):

@@ -117,6 +117,23 @@ class Store(ABC):
     @abstractmethod
     def scan_items(self) -> Iterator[tuple[str, bytes]]: ...
 
+    # --- applied lines per (partition, source), kept for a retention ---
+    @abstractmethod
+    def get_dedup(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """Blobs of the keys that exist and have not expired."""
+
+    @abstractmethod
+    def put_dedup(self, records: Mapping[str, bytes], ttl_s: int) -> None:
+        """Write records that expire ``ttl_s`` seconds after this write."""
+
+    # --- quarantined journal rows (kept, reported, never replayed again) ---
+    @abstractmethod
+    def quarantine(self, journal_id: str, seq: int, blob: bytes, reason: str) -> None: ...
+
+    @abstractmethod
+    def get_quarantine(self, journal_id: str) -> list[tuple[int, str]]:
+        """(seq, reason) of the rows of ``journal_id`` that were quarantined."""
+
     # --- tombstones (privacy deletes that replay must not undo) ---
     @abstractmethod
     def add_tombstones(self, deleted_at: Mapping[str, float]) -> None: ...

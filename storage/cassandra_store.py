@@ -10,6 +10,7 @@ surface as StoreUnavailable with the node list and the cause.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -433,6 +434,26 @@ class CassandraStore(Store):
 
     def scan_items(self) -> Iterator[tuple[str, bytes]]:
         return self._scan(cql.SCAN_ITEMS, "scan items")
+
+    # --- dedup records ---
+    def get_dedup(self, keys: Iterable[str]) -> dict[str, bytes]:
+        return self._get_many(cql.GET_DEDUP, keys, "read dedup records")
+
+    def put_dedup(self, records: Mapping[str, bytes], ttl_s: int) -> None:
+        rows = [(k, v, int(ttl_s)) for k, v in records.items()]
+        self._write_many(cql.PUT_DEDUP, rows, "write dedup records")
+
+    # --- quarantine ---
+    def quarantine(self, journal_id: str, seq: int, blob: bytes, reason: str) -> None:
+        with self._errors(f"quarantine journal {journal_id} row {seq}"):
+            self._session.execute(
+                self._stmt(cql.PUT_QUARANTINE), (journal_id, seq, blob, reason, time.time())
+            )
+
+    def get_quarantine(self, journal_id: str) -> list[tuple[int, str]]:
+        with self._errors("read quarantined rows"):
+            rows = self._session.execute(self._stmt(cql.GET_QUARANTINE), (journal_id,))
+            return [(r.seq, r.reason) for r in rows]
 
     # --- tombstones ---
     def add_tombstones(self, deleted_at: Mapping[str, float]) -> None:

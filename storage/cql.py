@@ -26,6 +26,11 @@ TABLES = [
         PRIMARY KEY (deployment, partition))""",
     "CREATE TABLE IF NOT EXISTS items (item_id text PRIMARY KEY, blob blob)",
     "CREATE TABLE IF NOT EXISTS tombstones (user_id text PRIMARY KEY, deleted_at double)",
+    # Applied lines per (partition, source); rows expire with the dedup retention.
+    "CREATE TABLE IF NOT EXISTS dedup (key text PRIMARY KEY, blob blob)",
+    """CREATE TABLE IF NOT EXISTS quarantine (
+        journal_id text, seq bigint, blob blob, reason text, quarantined_at double,
+        PRIMARY KEY (journal_id, seq))""",
 ]
 
 # The assignments table holds one deployment per keyspace; the key is a constant so
@@ -72,5 +77,13 @@ SCAN_ITEMS = "SELECT item_id, blob FROM items"
 
 PUT_TOMBSTONE = "INSERT INTO tombstones (user_id, deleted_at) VALUES (?, ?)"
 GET_TOMBSTONES = "SELECT user_id, deleted_at FROM tombstones WHERE user_id IN ?"
+
+GET_DEDUP = "SELECT key, blob FROM dedup WHERE key IN ?"
+PUT_DEDUP = "INSERT INTO dedup (key, blob) VALUES (?, ?) USING TTL ?"
+
+PUT_QUARANTINE = (
+    "INSERT INTO quarantine (journal_id, seq, blob, reason, quarantined_at) VALUES (?, ?, ?, ?, ?)"
+)
+GET_QUARANTINE = "SELECT seq, reason FROM quarantine WHERE journal_id = ?"
 
 KEYSPACE_REPLICATION = "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = ?"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -27,6 +28,12 @@ CREATE TABLE IF NOT EXISTS assignments (
     partition INTEGER PRIMARY KEY, owner TEXT NOT NULL, epoch INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS items (item_id TEXT PRIMARY KEY, blob BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS tombstones (user_id TEXT PRIMARY KEY, deleted_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS dedup (
+    key TEXT PRIMARY KEY, blob BLOB NOT NULL, expires_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS dedup_expiry ON dedup (expires_at);
+CREATE TABLE IF NOT EXISTS quarantine (
+    journal_id TEXT NOT NULL, seq INTEGER NOT NULL, blob BLOB NOT NULL, reason TEXT NOT NULL,
+    quarantined_at REAL NOT NULL, PRIMARY KEY (journal_id, seq));
 """
 
 # SQLite limits host parameters per statement (32766 in modern builds); stay well below.
@@ -268,6 +275,55 @@ class SqliteStore(Store):
 
     def scan_items(self) -> Iterator[tuple[str, bytes]]:
         return self._scan("items", "item_id")
+
+    # --- dedup records ---
+    def get_dedup(self, keys: Iterable[str]) -> dict[str, bytes]:
+        wanted = list(dict.fromkeys(keys))
+        now = time.time()
+
+        def op(db):
+            found = {}
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    db.execute(
+                        f"SELECT key, blob FROM dedup WHERE key IN ({marks}) AND expires_at > ?",
+                        [*chunk, now],
+                    ).fetchall()
+                )
+            return found
+
+        return self._run(op)
+
+    def put_dedup(self, records: Mapping[str, bytes], ttl_s: int) -> None:
+        now = time.time()
+        rows = [(k, v, now + ttl_s) for k, v in records.items()]
+
+        def op(db):
+            db.executemany(
+                "INSERT OR REPLACE INTO dedup (key, blob, expires_at) VALUES (?, ?, ?)", rows
+            )
+            # Expired records go with the next write (the index keeps this cheap).
+            db.execute("DELETE FROM dedup WHERE expires_at <= ?", (now,))
+
+        self._transaction(op)
+
+    # --- quarantine ---
+    def quarantine(self, journal_id: str, seq: int, blob: bytes, reason: str) -> None:
+        self._transaction(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO quarantine "
+                "(journal_id, seq, blob, reason, quarantined_at) VALUES (?, ?, ?, ?, ?)",
+                (journal_id, seq, blob, reason, time.time()),
+            )
+        )
+
+    def get_quarantine(self, journal_id: str) -> list[tuple[int, str]]:
+        return self._run(
+            lambda db: db.execute(
+                "SELECT seq, reason FROM quarantine WHERE journal_id=? ORDER BY seq", (journal_id,)
+            ).fetchall()
+        )
 
     # --- tombstones ---
     def add_tombstones(self, deleted_at: Mapping[str, float]) -> None:

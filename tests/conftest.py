@@ -16,7 +16,17 @@ from persona.settings import load_settings
 CASSANDRA_PORT = int(os.environ.get("PERSONA_CASSANDRA_PORT", "9042"))
 # Small journal buckets so the contract tests cross bucket boundaries.
 TEST_BUCKET_ROWS = 8
-_TABLES = ("meta", "profiles", "journal", "checkpoints", "assignments", "items", "tombstones")
+_TABLES = (
+    "meta",
+    "profiles",
+    "journal",
+    "checkpoints",
+    "assignments",
+    "items",
+    "tombstones",
+    "dedup",
+    "quarantine",
+)
 
 
 def cassandra_url(keyspace: str, **params: str) -> str:

@@ -35,18 +35,18 @@ def stored_user(state: ShardState, user: str) -> None:
 
 def test_a_load_that_read_before_a_delete_does_not_bring_the_user_back(state):
     stored_user(state, "gone")
-    since = state.deletes
+    since = state.removals
     loaded = state.fetch_profiles(["gone"])  # the read, in its thread, before the delete
     state.store.delete_profiles(["gone"])
-    state.forget_deleted("gone")
+    state.forget_deleted("gone", T)
     state.install(loaded, since)  # the read's result lands after the delete
     assert "gone" not in state.table
 
 
 def test_a_load_without_a_delete_in_between_is_installed(state):
     stored_user(state, "kept")
-    since = state.deletes
-    state.forget_deleted("someone-else")
+    since = state.removals
+    state.forget_deleted("someone-else", T)
     state.install(state.fetch_profiles(["kept"]), since)
     assert "kept" in state.table and state.table.get("kept").counts[state.rules.code("click")] == 1
 

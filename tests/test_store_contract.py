@@ -203,3 +203,35 @@ def test_tombstones(store):
 
 def test_ping(store):
     store.ping()
+
+
+def test_dedup_records_are_read_back_and_replaced(store):
+    store.put_dedup({"0/file-a": b"one", "1/file-a": b"two"}, ttl_s=3600)
+    store.put_dedup({"0/file-a": b"uno"}, ttl_s=3600)
+    assert store.get_dedup(["0/file-a", "1/file-a", "2/none"]) == {
+        "0/file-a": b"uno",
+        "1/file-a": b"two",
+    }
+    assert store.get_dedup([]) == {}
+
+
+def test_dedup_records_expire_after_their_retention(store):
+    import time
+
+    store.put_dedup({"0/short": b"x"}, ttl_s=1)
+    store.put_dedup({"0/long": b"y"}, ttl_s=3600)
+    deadline = time.monotonic() + 10
+    while store.get_dedup(["0/short"]) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert store.get_dedup(["0/short", "0/long"]) == {"0/long": b"y"}
+
+
+def test_quarantined_rows_are_kept_with_their_reason(store):
+    store.quarantine("shard-a", 7, b"bad", "cannot be applied: KeyError")
+    store.quarantine("shard-a", 3, b"worse", "undecodable")
+    store.quarantine("shard-b", 1, b"other", "x")
+    assert store.get_quarantine("shard-a") == [
+        (3, "undecodable"),
+        (7, "cannot be applied: KeyError"),
+    ]
+    assert store.get_quarantine("shard-c") == []
