@@ -413,3 +413,12 @@ def test_write_path_refuses_a_batch_when_lines_do_not_match_events(settings):
             await node.apply_batch("f", [event("a", "x")], False, [1, 2])
 
     asyncio.run(scenario())
+
+
+def test_idempotency_keys_are_scoped_to_the_client_credential():
+    from serving.app import client_scope
+
+    assert client_scope("Bearer token-a") != client_scope("Bearer token-b")
+    assert client_scope("Bearer token-a") == client_scope("Bearer token-a\n")
+    assert client_scope(None) == "anonymous"
+    assert "token-a" not in client_scope("Bearer token-a")
