@@ -4,9 +4,11 @@
     ray job submit --working-dir . -- python -m jobs.ingest data/events/
 
 Streams with bounded memory (one batch per in-flight slot), writes invalid lines
-to a dead-letter file with line number and reason, and derives batch ids from
-the file's identity and the line offset, so a job killed halfway and run again
-applies every event exactly once. Several files are spread over the cluster
+to a dead-letter file with line number and reason, and sends every event with
+the file's identity and its line, so a job killed halfway and run again, with
+any --batch, applies every event exactly once. A batch that still fails after
+its retries is counted as failed and named (file, lines) while the other batches
+go on; the job then exits non-zero. Several files are spread over the cluster
 with Ray Data: one read task per file, each sending its batches straight to the
 owning shards.
 """
@@ -23,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -39,26 +42,51 @@ FORMATS = {
 }
 
 
+# Waits between attempts at a batch the store or a shard refused: a restart or a
+# short outage is ridden out (about 35 s in all) before the batch counts as failed.
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0)
+
+COUNTS = ("files", "read", "applied", "duplicate", "rejected", "failed")
+
+
 @dataclass
 class Summary:
+    """What a job did. Every line read is counted once:
+    read = applied + duplicate + rejected + failed."""
+
     files: int = 0
     read: int = 0
     applied: int = 0
     duplicate: int = 0
     rejected: int = 0
+    # Events in batches that were not acknowledged after their retries: maybe applied
+    # in part, so a rerun sends them again and the shards skip what they already have.
+    failed: int = 0
     seconds: float = 0.0
     dead_letter: str | None = None
-    errors: list[str] = field(default_factory=list)
+    # One "<file>: lines <first>-<last>: <error>" per failed batch.
+    failures: list[str] = field(default_factory=list)
 
     def add(self, other: Summary) -> None:
-        for key in ("files", "read", "applied", "duplicate", "rejected"):
+        for key in COUNTS:
             setattr(self, key, getattr(self, key) + getattr(other, key))
-        self.errors += other.errors
+        self.failures += other.failures
+
+    def to_row(self) -> dict:
+        """A Ray Data row: scalars only (a list column's type varies from block to block)."""
+        return {**{k: getattr(self, k) for k in COUNTS}, "failures": json.dumps(self.failures)}
+
+    @classmethod
+    def from_row(cls, row: dict) -> Summary:
+        return cls(**{k: int(row[k]) for k in COUNTS}, failures=json.loads(row["failures"]))
+
+    def counts(self) -> dict:
+        return {**{k: getattr(self, k) for k in COUNTS}, "seconds": self.seconds}
 
     def line(self) -> str:
         return (
             f"read {self.read:,}  applied {self.applied:,}  duplicate {self.duplicate:,}  "
-            f"rejected {self.rejected:,}  in {self.seconds:.1f}s"
+            f"rejected {self.rejected:,}  failed {self.failed:,}  in {self.seconds:.1f}s"
             + (
                 f"  (dead letters: {self.dead_letter})"
                 if self.rejected and self.dead_letter
@@ -97,38 +125,56 @@ def file_identity(path: Path) -> str:
     return f"{path.name}:{path.stat().st_size}:{digest.hexdigest()[:16]}"
 
 
-def read_records(path: Path) -> Iterator[tuple[int, object, str | None]]:
-    """(line or row number from 1, record or None, problem) for every record, streamed."""
+class Record(NamedTuple):
+    """One record of a file, as read."""
+
+    line: int  # line (JSONL) or record/row number (msgpack, Parquet), from 1
+    value: Any  # the decoded record, or None when it could not be decoded
+    problem: str | None  # why it could not be decoded
+    offset: int  # bytes of the file consumed once this record is read: for progress
+
+
+def read_records(path: Path) -> Iterator[Record]:
+    """Every record of a file, streamed, with how far into the file it ends."""
     kind = FORMATS[path.suffix]
     if kind == "jsonl":
         with path.open("rb") as f:
+            offset = 0
             for number, raw in enumerate(f, start=1):
+                offset += len(raw)
                 if not raw.strip():
                     continue
                 try:
-                    yield number, json.loads(raw), None
+                    yield Record(number, json.loads(raw), None, offset)
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    yield number, None, f"not valid JSON: {exc}"
+                    yield Record(number, None, f"not valid JSON: {exc}", offset)
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
+        parquet = pq.ParquetFile(path)
+        # Columns are compressed and spread over the file: rows read over the rows in
+        # the footer is the fraction done, scaled to the file's size.
+        size, rows = path.stat().st_size, max(parquet.metadata.num_rows, 1)
         number = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=10_000):
+        for batch in parquet.iter_batches(batch_size=10_000):
             for record in batch.to_pylist():
                 number += 1
                 if record.get("topics") is None:
                     record.pop("topics", None)
-                yield number, {k: v for k, v in record.items() if v is not None}, None
+                value = {k: v for k, v in record.items() if v is not None}
+                yield Record(number, value, None, size * number // rows)
     else:
         with path.open("rb") as f:
             unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False)
             number = 0
             try:
-                for record in unpacker:
+                for value in unpacker:
                     number += 1
-                    yield number, record, None
+                    # tell(): the bytes decoded so far, not what was buffered ahead.
+                    yield Record(number, value, None, unpacker.tell())
             except (ValueError, msgpack.UnpackException) as exc:
-                yield number + 1, None, f"undecodable msgpack from here on: {exc}"
+                problem = f"undecodable msgpack from here on: {exc}"
+                yield Record(number + 1, None, problem, path.stat().st_size)
 
 
 class Progress:
@@ -176,78 +222,76 @@ async def ingest_file(
     progress: Progress | None = None,
     bytes_before: int = 0,
 ) -> Summary:
-    """Stream one file to the shards with at most ``in_flight`` batches outstanding."""
+    """Stream one file to the shards with at most ``in_flight`` batches outstanding.
+
+    Every batch's outcome is collected: a batch that fails after its retries is
+    counted in ``failed`` and named in ``failures``, and the other batches go on."""
     summary = Summary(files=1)
     identity = file_identity(path)
-    size = path.stat().st_size
-    slots = asyncio.Semaphore(in_flight)
-    tasks: set[asyncio.Task] = set()
+    failures: list[tuple[int, str]] = []
+    outstanding: set[asyncio.Task] = set()
+    others_allowed = max(in_flight, 1) - 1  # outstanding while the next batch waits
 
-    async def send(first_line: int, lines: list[int], events: list) -> None:
+    async def send(lines: list[int], events: list) -> None:
         try:
-            ack = await _apply_with_retries(fleet, f"{identity}@{first_line}", events)
-            summary.applied += ack["applied"]
-            summary.duplicate += ack["duplicate"]
-            summary.rejected += ack["rejected"]
-            for error in ack["errors"]:
-                _dead(
-                    dead_letter,
-                    path,
-                    lines[error["index"]],
-                    error["reason"],
-                    events[error["index"]],
-                )
-        finally:
-            slots.release()
+            ack = await _apply_with_retries(fleet, identity, events, lines)
+        except Exception as exc:  # any error: this batch is lost, the file goes on
+            summary.failed += len(events)
+            failures.append(
+                (lines[0], f"{path}: lines {lines[0]}-{lines[-1]}: {type(exc).__name__}: {exc}")
+            )
+            return
+        summary.applied += ack["applied"]
+        summary.duplicate += ack["duplicate"]
+        summary.rejected += ack["rejected"]
+        for error in ack["errors"]:
+            index = error["index"]
+            _dead(dead_letter, path, lines[index], error["reason"], events[index])
+
+    async def collect(until_at_most: int) -> None:
+        # Through result(), never a discard: whatever a batch raised surfaces here.
+        while len(outstanding) > until_at_most:
+            done, _ = await asyncio.wait(outstanding, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                outstanding.remove(task)
+                task.result()
 
     batch: list = []
     lines: list[int] = []
-    first = 1
-    for number, record, problem in read_records(path):
+    for record in read_records(path):
         summary.read += 1
-        if problem:
+        if record.problem:
             summary.rejected += 1
-            _dead(dead_letter, path, number, problem, None)
+            _dead(dead_letter, path, record.line, record.problem, None)
             continue
-        if not batch:
-            first = number
-        batch.append(record)
-        lines.append(number)
+        batch.append(record.value)
+        lines.append(record.line)
         if len(batch) >= batch_size:
-            await slots.acquire()
-            task = asyncio.create_task(send(first, lines, batch))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            await collect(until_at_most=others_allowed)
+            outstanding.add(asyncio.create_task(send(lines, batch)))
             batch, lines = [], []
             if progress:
-                progress.update(
-                    bytes_before + _position(path, number, summary.read, size), summary.read
-                )
+                progress.update(bytes_before + record.offset, summary.read)
     if batch:
-        await slots.acquire()
-        tasks.add(asyncio.create_task(send(first, lines, batch)))
-    if tasks:
-        await asyncio.gather(*tasks)
+        await collect(until_at_most=others_allowed)
+        outstanding.add(asyncio.create_task(send(lines, batch)))
+    await collect(until_at_most=0)
+    summary.failures = [text for _, text in sorted(failures)]
     return summary
 
 
-def _position(path: Path, number: int, read: int, size: int) -> int:
-    # Good enough for an ETA: assume records of equal size over the file.
-    return min(size, int(size * read / max(number, 1))) if number else 0
-
-
-async def _apply_with_retries(fleet, batch_id: str, events: list, attempts: int = 8) -> dict:
-    """Store outages and shard restarts are retried with backoff; the batch id keeps it
-    exactly once."""
+async def _apply_with_retries(fleet, identity: str, events: list, lines: list[int]) -> dict:
+    """Store outages and shard restarts are retried with backoff; shards remember each
+    (file, line) they applied, so a retried batch is applied exactly once."""
     import ray
 
-    for attempt in range(attempts):
+    for delay in (*RETRY_DELAYS_S, None):
         try:
-            return await fleet.apply_async(batch_id, events)
-        except (PersonaError, ray.exceptions.RayActorError) as exc:
-            if attempt == attempts - 1:
-                raise PersonaError(f"batch {batch_id} failed {attempts} times: {exc}") from exc
-            await asyncio.sleep(min(10.0, 0.5 * 2**attempt))
+            return await fleet.apply_async(identity, events, lines=lines)
+        except (PersonaError, ray.exceptions.RayActorError):
+            if delay is None:
+                raise
+            await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -273,7 +317,7 @@ def _ingest_one_task(row: dict) -> dict:
                 fleet, path, batch_size=row["batch"], in_flight=row["in_flight"], dead_letter=dead
             )
         )
-    return {k: getattr(summary, k) for k in ("files", "read", "applied", "duplicate", "rejected")}
+    return summary.to_row()
 
 
 def run(
@@ -320,7 +364,7 @@ def run(
                     merged.write(part.read_text())
                     part.unlink()
         for result in results:
-            total.add(Summary(**result))
+            total.add(Summary.from_row(result))
     else:
         progress = Progress(sum(p.stat().st_size for p in files), stream)
         done = 0
@@ -372,14 +416,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingest: {exc}", file=sys.stderr)
         return 2
     print(f"ingest: {summary.line()}")
-    print(
-        json.dumps(
-            {
-                k: getattr(summary, k)
-                for k in ("files", "read", "applied", "duplicate", "rejected", "seconds")
-            }
+    print(json.dumps(summary.counts()))
+    if summary.failed:
+        print(
+            f"ingest: {summary.failed:,} events in {len(summary.failures)} failed batch(es) "
+            "were not acknowledged; run the same command again to send them (events already "
+            "applied are skipped):",
+            file=sys.stderr,
         )
-    )
+        shown = 20
+        for failure in summary.failures[:shown]:
+            print(f"  {failure}", file=sys.stderr)
+        if len(summary.failures) > shown:
+            print(f"  ... and {len(summary.failures) - shown} more", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,8 +1,11 @@
-"""Ray jobs: file ingestion (dead letters, formats, exactly once after a kill), a real
-`ray job submit` against a local head followed by an HTTP read, and `persona demo`."""
+"""Ray jobs: file ingestion (dead letters, formats, failed batches, progress, exactly once
+after a kill or with another batch size), a real `ray job submit` against a local head
+followed by an HTTP read, and `persona demo`."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import os
 import signal
@@ -18,7 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from actors.events import EventValidator
 from jobs import ingest
+from persona.errors import StoreUnavailable
 from persona.settings import PROJECT_ROOT
 from tests.ray_heads import Head, free_port
 
@@ -102,6 +107,182 @@ def test_many_files_spread_with_ray_data_stay_exactly_once(fleet, tmp_path):
     assert (second.applied, second.duplicate) == (0, 150)
     profiles = fleet.get_profiles([f"rd-{u}" for u in range(4)])
     assert sum(p["n"] for p in profiles.values()) == 150
+
+
+def test_a_line_that_broke_validation_is_dead_lettered_not_lost(fleet, tmp_path):
+    # Issue #11: the 8th line's unhashable action made the whole batch of lines 6-10
+    # vanish while the job printed "applied 25, rejected 0" and exited 0.
+    lines = [good(n) for n in range(1, 31)]
+    lines[7] = {**good(8), "action": []}
+    source = write_jsonl(tmp_path / "events.jsonl", lines)
+    dead = tmp_path / "dead.jsonl"
+    summary = ingest.run(
+        [str(source)], settings=fleet.settings, batch_size=5, dead_letter=str(dead)
+    )
+    assert (summary.read, summary.applied, summary.rejected, summary.failed) == (30, 29, 1, 0)
+    letters = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert [(letter["line"], letter["reason"]) for letter in letters] == [
+        (8, "action must be a string, got list")
+    ]
+
+
+class FakeFleet:
+    """The fleet's apply contract without Ray: validates, dedupes per (source, line),
+    and refuses a batch with StoreUnavailable on the attempts ``fails(lines, attempt)``
+    picks, as a store outage would."""
+
+    def __init__(self, fails=lambda lines, attempt: False):
+        self.validator = EventValidator(["view", "click"])
+        self.fails = fails
+        self.attempts: Counter = Counter()
+        self.applied: set = set()
+
+    async def apply_async(self, source, events, *, lines=None, all_or_nothing=False):
+        self.attempts[lines[0]] += 1
+        if self.fails(lines, self.attempts[lines[0]]):
+            raise StoreUnavailable("the store timed out")
+        _, errors = self.validator.validate(events)
+        refused = {error["index"] for error in errors}
+        ack = {"applied": 0, "duplicate": 0, "rejected": len(errors), "errors": errors}
+        for index, line in enumerate(lines):
+            if index not in refused:
+                ack["duplicate" if (source, line) in self.applied else "applied"] += 1
+                self.applied.add((source, line))
+        return ack
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+    monkeypatch.setattr(ingest, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+
+
+def ingest_with(fleet, path: Path, batch_size: int = 5, **options) -> ingest.Summary:
+    return asyncio.run(
+        ingest.ingest_file(
+            fleet,
+            path,
+            batch_size=batch_size,
+            in_flight=options.pop("in_flight", 2),
+            dead_letter=options.pop("dead_letter", io.StringIO()),
+            **options,
+        )
+    )
+
+
+def test_a_batch_that_keeps_failing_is_counted_named_and_the_rest_applied(tmp_path, no_backoff):
+    source = write_jsonl(tmp_path / "events.jsonl", [good(n) for n in range(1, 31)])
+    # Lines 6-10 fail on every attempt; lines 16-20 only on the first (then retried).
+    fleet = FakeFleet(lambda lines, attempt: 8 in lines or (18 in lines and attempt == 1))
+    summary = ingest_with(fleet, source)
+    assert (summary.read, summary.applied, summary.rejected, summary.failed) == (30, 25, 0, 5)
+    assert summary.read == summary.applied + summary.duplicate + summary.rejected + summary.failed
+    assert fleet.attempts[6] == len(ingest.RETRY_DELAYS_S) + 1 and fleet.attempts[16] == 2
+    assert len(summary.failures) == 1
+    assert f"{source}: lines 6-10" in summary.failures[0]
+    assert "the store timed out" in summary.failures[0]
+
+
+def test_ingest_exits_non_zero_naming_the_lines_not_applied(
+    tmp_path, monkeypatch, capsys, no_backoff
+):
+    import jobs.common
+
+    records = [good(n) for n in range(1, 31)]
+    records[1] = "{not json"
+    source = write_jsonl(tmp_path / "events.jsonl", records)
+    fleet = FakeFleet(lambda lines, attempt: 8 in lines or 27 in lines)
+    monkeypatch.setattr(jobs.common, "fleet_for_job", lambda settings: fleet)
+    dead = tmp_path / "dead.jsonl"
+    code = ingest.main([str(source), "--batch", "5", "--dead-letter", str(dead)])
+    out, err = capsys.readouterr()
+    assert code != 0
+    counts = json.loads(out.splitlines()[-1])
+    assert (counts["read"], counts["applied"], counts["rejected"], counts["failed"]) == (
+        30,
+        20,
+        1,
+        9,
+    )
+    assert "failed 9" in out
+    # Batches are lines 1-6 (line 2 is dead-lettered), 7-11, 12-16, 17-21, 22-26, 27-30.
+    assert f"{source}: lines 7-11" in err and f"{source}: lines 27-30" in err
+    # A second run sends only what is missing: nothing applied twice.
+    fleet.fails = lambda lines, attempt: False
+    assert ingest.main([str(source), "--batch", "5", "--dead-letter", str(dead)]) == 0
+    counts = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (counts["applied"], counts["duplicate"], counts["failed"]) == (9, 20, 0)
+
+
+def test_a_ray_data_read_task_reports_its_failed_batches(tmp_path, monkeypatch, no_backoff):
+    import dataclasses
+
+    import jobs.common
+    from persona.settings import load_settings
+
+    source = write_jsonl(tmp_path / "events.jsonl", [good(n) for n in range(1, 21)])
+    fleet = FakeFleet(lambda lines, attempt: 12 in lines)
+    monkeypatch.setattr(jobs.common, "fleet_for_job", lambda settings: fleet)
+    row = {
+        "path": str(source),
+        "settings": dataclasses.asdict(load_settings()),
+        "dead_letter": str(tmp_path / "dead.jsonl.0"),
+        "batch": 5,
+        "in_flight": 2,
+    }
+    summary = ingest.Summary.from_row(ingest._ingest_one_task(row))
+    assert (summary.read, summary.applied, summary.failed) == (20, 15, 5)
+    [failure] = summary.failures
+    assert failure.startswith(f"{source}: lines 11-15: ") and "the store timed out" in failure
+
+
+class RecordingProgress(ingest.Progress):
+    """Keeps every position it is told, whatever the clock."""
+
+    def __init__(self, total_bytes: int):
+        super().__init__(total_bytes, io.StringIO())
+        self.positions: list[int] = []
+
+    def update(self, done_bytes: int, events: int, force: bool = False) -> None:
+        self.positions.append(done_bytes)
+
+
+def write_events(path: Path, records: list[dict]) -> Path:
+    if path.suffix == ".jsonl":
+        return write_jsonl(path, records)
+    if path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(records), path, row_group_size=10)
+        return path
+    with path.open("wb") as f:
+        for record in records:
+            f.write(msgpack.packb(record))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".msgpack"])
+def test_progress_follows_the_bytes_read_not_the_line_count(tmp_path, suffix):
+    # Issue #12: the bar showed ~100% and ETA 0 s after the first batch.
+    source = write_events(tmp_path / f"events{suffix}", [good(n) for n in range(100)])
+    size = source.stat().st_size
+    progress = RecordingProgress(size)
+    ingest_with(FakeFleet(), source, batch_size=10, progress=progress)
+    fractions = [position / size for position in progress.positions]
+    assert len(fractions) == 10
+    assert fractions == sorted(fractions) and fractions[-1] <= 1.0
+    # Records of about equal size: after k batches of 10, about k/10 of the file.
+    for batches, fraction in enumerate(fractions, start=1):
+        assert fraction == pytest.approx(batches / 10, abs=0.06), fractions
+
+
+def test_rerun_with_another_batch_size_applies_nothing(fleet, tmp_path):
+    records = [good(n, f"rerun-{n % 9}") for n in range(60)]
+    records[20] = {**good(20), "action": "teleport"}
+    source = write_jsonl(tmp_path / "events.jsonl", records)
+    first = ingest.run([str(source)], settings=fleet.settings, batch_size=7)
+    assert (first.applied, first.rejected, first.failed) == (59, 1, 0)
+    second = ingest.run([str(source)], settings=fleet.settings, batch_size=3, in_flight=2)
+    assert (second.applied, second.duplicate, second.rejected, second.failed) == (0, 59, 1, 0)
+    profiles = fleet.get_profiles([f"rerun-{u}" for u in range(9)])
+    assert sum(p["n"] for p in profiles.values()) == 59
 
 
 # --- against a real local head with the jobs API --------------------------------------
