@@ -199,8 +199,12 @@ def test_deleted_user_stays_deleted_after_replay(fleet):
     store = open_store(settings=fleet.settings)
     assert store.get_profiles(["gone"]) == {} and "gone" in store.get_tombstones(["gone"])
     store.close()
-    # Coming back after deletion starts a new profile.
-    fleet.apply("b4", events[:1])
+    # Events from before the delete are dropped (re-ingesting an old file)...
+    old = fleet.apply("b4", events[:1])
+    assert (old["applied"], old["rejected"]) == (0, 1)
+    assert fleet.get_profiles(["gone"]) == {}
+    # ...and coming back after the delete starts a new profile.
+    fleet.apply("b5", [{**events[0], "ts": time.time() + 1}])
     assert fleet.get_profiles(["gone"])["gone"]["c"] == {"click": 1}
 
 
