@@ -166,9 +166,11 @@ class EventValidator:
 
 
 def decode_msgpack_batch(body: bytes) -> Any:
+    """The decoded body, or InvalidEvents saying why it cannot be decoded."""
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=False)
-    except (ValueError, msgpack.UnpackException) as exc:
+    # TypeError: a map keyed by an array or a map (unhashable) cannot become a dict.
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise InvalidEvents(
             [{"index": None, "reason": f"body is not valid msgpack: {exc}"}]
         ) from exc

@@ -99,6 +99,20 @@ def test_msgpack_batches_are_accepted_and_garbage_is_refused():
         VALIDATOR.validate(b"\xc1\xc1\xc1", now=NOW)
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"\x91\x81\x91\x01\x02", id="map-keyed-by-an-array"),
+        pytest.param(b"\x91\x81\x80\x01", id="map-keyed-by-a-map"),
+        pytest.param(b"\x91" * 3_000 + b"\x01", id="nested-3000-deep"),
+    ],
+)
+def test_undecodable_msgpack_is_refused_with_a_reason(body):
+    # A map keyed by an array or a map cannot become a dict: msgpack raises TypeError.
+    with pytest.raises(InvalidEvents, match="not valid msgpack"):
+        VALIDATOR.validate(body, now=NOW)
+
+
 def test_all_or_nothing_raises_with_every_error():
     with pytest.raises(InvalidEvents) as info:
         VALIDATOR.validate_all_or_nothing([GOOD, {}, {}], now=time.time())
