@@ -22,6 +22,8 @@ REBASE_EXPONENT = 200.0
 SNAPSHOT_TRENDING = 5_000
 # Column-wise updates are buffered and folded into the dicts past this many entries.
 PENDING_LIMIT = 500_000
+# Bytes of item signals per stored record (see ItemStats.chunks).
+SIGNAL_CHUNK_BYTES = 512 * 1024
 
 
 class ItemStats:
@@ -222,6 +224,40 @@ class ItemStats:
         self._snapshot = None
         if state:
             self.t0, self.trending, self.graph = state["t0"], state["trending"], state["graph"]
+
+    def chunks(self, max_bytes: int = SIGNAL_CHUNK_BYTES) -> list[dict]:
+        """The state cut into records of at most about ``max_bytes`` each: a shard's
+        signals grow with the catalog, and no single store write may (Cassandra
+        refuses a mutation over half a commitlog segment, 16 MiB by default)."""
+        self.flush()
+        chunks: list[dict] = []
+        entries: list[list] = []
+        size = 0
+        graph, trending = self.graph, self.trending
+        for item in trending.keys() | graph.keys():
+            neighbours = graph.get(item)
+            entries.append([item, trending.get(item), neighbours])
+            # ~ bytes in msgpack: the id, a float, and (id, float) per neighbour.
+            size += len(item) + 12 + sum(len(n) + 11 for n in neighbours or ())
+            if size >= max_bytes:
+                chunks.append({"t0": self.t0, "entries": entries})
+                entries, size = [], 0
+        if entries or not chunks:
+            chunks.append({"t0": self.t0, "entries": entries})
+        return chunks
+
+    def restore_chunks(self, chunks: Iterable[dict]) -> None:
+        trending: dict[str, float] = {}
+        graph: dict[str, dict[str, float]] = {}
+        t0 = None
+        for chunk in chunks:
+            t0 = chunk["t0"]
+            for item, trend, neighbours in chunk["entries"]:
+                if trend is not None:
+                    trending[item] = trend
+                if neighbours:
+                    graph[item] = neighbours
+        self.restore({"t0": t0, "trending": trending, "graph": graph})
 
     def snapshot(self, now: float) -> dict:
         """Trending (top items) and top-M neighbours, decayed to ``now``. The last

@@ -125,6 +125,7 @@ class ShardState:
         self.releasing: dict[int, int] = {}
         self.last_seq = 0  # last journal position written (and applied)
         self.checkpoint_seq = 0
+        self.signals_slot = 0  # where the current checkpoint's item signals are
         self.item_vectors: dict[str, np.ndarray] = {}
         self.items_checked: set[str] = set()
         # Users a batch in flight holds: never evicted under it.
@@ -200,7 +201,7 @@ class ShardState:
             self.checkpoint_seq = self.last_seq = checkpoint.seq
             if checkpoint.meta:
                 meta = codec.decode(checkpoint.meta, what=f"checkpoint of {self.name}")
-                self.item_stats.restore(meta.get("item_stats"))
+                self.restore_signals(meta)
         return self.catch_up()
 
     def catch_up(self) -> int:
@@ -652,12 +653,15 @@ class ShardState:
         """Swap out the dirty set and the changed dedup entries: everything journaled
         up to the returned position is in memory, and every profile and entry it
         touched is in the plan, as are the deletes the store has not taken yet."""
+        slot, signals, meta = self.signal_chunks()
         return CheckpointPlan(
             seq=self.last_seq,
             users=self.table.take_dirty(),
             dedup=self.dedup.take_dirty(),
             deletes=dict(self.pending_deletes),
-            meta=self.checkpoint_meta(),
+            signals_slot=slot,
+            signals=signals,
+            meta=meta,
         )
 
     def abort_checkpoint(self, plan: CheckpointPlan) -> None:
@@ -689,13 +693,34 @@ class ShardState:
         extras = {u: {"dt": tombstones[u]} for u in users if u in tombstones}
         return self.table.encode(users, extras=extras)
 
-    def checkpoint_meta(self) -> bytes:
-        return codec.encode({"item_stats": self.item_stats.state(), "at": time.time()})
+    def restore_signals(self, meta: dict) -> None:
+        signals = meta.get("signals")
+        if signals is not None:
+            chunks = self.store.get_signals(self.name, signals["slot"], signals["chunks"])
+            self.signals_slot = signals["slot"]
+            self.item_stats.restore_chunks(
+                codec.decode(blob, what=f"item signals of {self.name}") for blob in chunks
+            )
+        else:  # written before signals were chunked: one blob in the meta
+            self.item_stats.restore(meta.get("item_stats"))
+
+    def signal_chunks(self) -> tuple[int, list[bytes], bytes]:
+        """The item signals as size-bounded chunks for the slot the current checkpoint
+        does not point at (a crash while writing them leaves that checkpoint whole),
+        and the meta that points at them."""
+        slot = 1 - self.signals_slot
+        encode = codec.encoder()
+        chunks = [encode(chunk) for chunk in self.item_stats.chunks()]
+        meta = codec.encode({"signals": {"slot": slot, "chunks": len(chunks)}, "at": time.time()})
+        return slot, chunks, meta
 
     def finish_checkpoint(self, plan: CheckpointPlan) -> None:
-        """Record the position (with the dedup entries as of it), then trim."""
+        """Write the dedup entries and item signals as of the position, record the
+        position pointing at them, then trim the journal."""
         self.store.put_dedup(plan.dedup, self.settings.dedup_retention_s)
+        self.store.put_signals(self.name, plan.signals_slot, plan.signals)
         self.store.put_checkpoint(self.name, Checkpoint(seq=plan.seq, meta=plan.meta))
+        self.signals_slot = plan.signals_slot
         self.store.trim_journal(self.name, plan.seq)
         self.checkpoint_seq = plan.seq
         self.last_checkpoint_at = time.monotonic()
@@ -716,10 +741,14 @@ class ShardState:
 
 @dataclass
 class CheckpointPlan:
+    """What one checkpoint writes, all as of journal position ``seq``."""
+
     seq: int
     users: list[str]
     dedup: dict[str, bytes]
     deletes: dict[str, float]
+    signals_slot: int
+    signals: list[bytes]
     meta: bytes
 
 

@@ -126,6 +126,16 @@ class Store(ABC):
     def put_dedup(self, records: Mapping[str, bytes], ttl_s: int) -> None:
         """Write records that expire ``ttl_s`` seconds after this write."""
 
+    # --- a shard's item signals, in size-bounded chunks ---
+    @abstractmethod
+    def put_signals(self, journal_id: str, slot: int, chunks: list[bytes]) -> None:
+        """Write chunks 0..n-1 of ``slot`` (a checkpoint writes the slot its current
+        checkpoint does not point at, then points at it)."""
+
+    @abstractmethod
+    def get_signals(self, journal_id: str, slot: int, count: int) -> list[bytes]:
+        """Chunks 0..count-1 of ``slot``; raises CorruptRecord if one is missing."""
+
     # --- quarantined journal rows (kept, reported, never replayed again) ---
     @abstractmethod
     def quarantine(self, journal_id: str, seq: int, blob: bytes, reason: str) -> None: ...
@@ -176,3 +186,17 @@ def fence_violations(
                 f"not {owner} at epoch {epoch}"
             )
     return problems
+
+
+def signal_chunks(
+    journal_id: str, slot: int, count: int, found: Mapping[int, bytes]
+) -> list[bytes]:
+    """Chunks 0..count-1 in order, or CorruptRecord naming the first one missing."""
+    missing = [n for n in range(count) if n not in found]
+    if missing:
+        from persona.errors import CorruptRecord
+
+        raise CorruptRecord(
+            f"item signals of {journal_id} (slot {slot}) lack chunk {missing[0]} of {count}"
+        )
+    return [bytes(found[n]) for n in range(count)]

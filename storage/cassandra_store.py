@@ -35,7 +35,14 @@ from cassandra.query import BatchStatement, BatchType, SimpleStatement
 
 from persona.errors import ConfigError, JournalConflict, StaleEpoch, StoreUnavailable
 from storage import cql
-from storage.base import Assignment, Checkpoint, Store, fence_violations, stale_claims
+from storage.base import (
+    Assignment,
+    Checkpoint,
+    Store,
+    fence_violations,
+    signal_chunks,
+    stale_claims,
+)
 
 log = logging.getLogger(__name__)
 
@@ -442,6 +449,21 @@ class CassandraStore(Store):
     def put_dedup(self, records: Mapping[str, bytes], ttl_s: int) -> None:
         rows = [(k, v, int(ttl_s)) for k, v in records.items()]
         self._write_many(cql.PUT_DEDUP, rows, "write dedup records")
+
+    # --- item signals ---
+    def put_signals(self, journal_id: str, slot: int, chunks: list[bytes]) -> None:
+        # One statement per chunk: a chunk is far above the batch size threshold.
+        params = [(journal_id, slot, n, blob) for n, blob in enumerate(chunks)]
+        self._concurrent(cql.PUT_SIGNALS, params, f"write item signals of {journal_id}")
+
+    def get_signals(self, journal_id: str, slot: int, count: int) -> list[bytes]:
+        params = [(journal_id, slot, n) for n in range(count)]
+        found = {}
+        for n, rows in enumerate(self._concurrent(cql.GET_SIGNALS, params, "read item signals")):
+            row = rows.one()
+            if row is not None:
+                found[n] = row.blob
+        return signal_chunks(journal_id, slot, count, found)
 
     # --- quarantine ---
     def quarantine(self, journal_id: str, seq: int, blob: bytes, reason: str) -> None:

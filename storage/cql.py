@@ -26,6 +26,10 @@ TABLES = [
         PRIMARY KEY (deployment, partition))""",
     "CREATE TABLE IF NOT EXISTS items (item_id text PRIMARY KEY, blob blob)",
     "CREATE TABLE IF NOT EXISTS tombstones (user_id text PRIMARY KEY, deleted_at double)",
+    # A shard's item signals: one partition per chunk, so no write grows with them.
+    """CREATE TABLE IF NOT EXISTS signals (
+        journal_id text, slot int, chunk int, blob blob,
+        PRIMARY KEY ((journal_id, slot, chunk)))""",
     # Applied lines per (partition, source); rows expire with the dedup retention.
     "CREATE TABLE IF NOT EXISTS dedup (key text PRIMARY KEY, blob blob)",
     """CREATE TABLE IF NOT EXISTS quarantine (
@@ -77,6 +81,9 @@ SCAN_ITEMS = "SELECT item_id, blob FROM items"
 
 PUT_TOMBSTONE = "INSERT INTO tombstones (user_id, deleted_at) VALUES (?, ?)"
 GET_TOMBSTONES = "SELECT user_id, deleted_at FROM tombstones WHERE user_id IN ?"
+
+PUT_SIGNALS = "INSERT INTO signals (journal_id, slot, chunk, blob) VALUES (?, ?, ?, ?)"
+GET_SIGNALS = "SELECT blob FROM signals WHERE journal_id = ? AND slot = ? AND chunk = ?"
 
 GET_DEDUP = "SELECT key, blob FROM dedup WHERE key IN ?"
 PUT_DEDUP = "INSERT INTO dedup (key, blob) VALUES (?, ?) USING TTL ?"

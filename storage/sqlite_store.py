@@ -14,7 +14,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from persona.errors import ConfigError, JournalConflict, StaleEpoch, StoreUnavailable
-from storage.base import Assignment, Checkpoint, Store, fence_violations, stale_claims
+from storage.base import (
+    Assignment,
+    Checkpoint,
+    Store,
+    fence_violations,
+    signal_chunks,
+    stale_claims,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -31,6 +38,9 @@ CREATE TABLE IF NOT EXISTS tombstones (user_id TEXT PRIMARY KEY, deleted_at REAL
 CREATE TABLE IF NOT EXISTS dedup (
     key TEXT PRIMARY KEY, blob BLOB NOT NULL, expires_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS dedup_expiry ON dedup (expires_at);
+CREATE TABLE IF NOT EXISTS signals (
+    journal_id TEXT NOT NULL, slot INTEGER NOT NULL, chunk INTEGER NOT NULL, blob BLOB NOT NULL,
+    PRIMARY KEY (journal_id, slot, chunk)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS quarantine (
     journal_id TEXT NOT NULL, seq INTEGER NOT NULL, blob BLOB NOT NULL, reason TEXT NOT NULL,
     quarantined_at REAL NOT NULL, PRIMARY KEY (journal_id, seq));
@@ -307,6 +317,28 @@ class SqliteStore(Store):
             db.execute("DELETE FROM dedup WHERE expires_at <= ?", (now,))
 
         self._transaction(op)
+
+    # --- item signals ---
+    def put_signals(self, journal_id: str, slot: int, chunks: list[bytes]) -> None:
+        rows = [(journal_id, slot, n, blob) for n, blob in enumerate(chunks)]
+        self._transaction(
+            lambda db: db.executemany(
+                "INSERT OR REPLACE INTO signals (journal_id, slot, chunk, blob) "
+                "VALUES (?, ?, ?, ?)",
+                rows,
+            )
+        )
+
+    def get_signals(self, journal_id: str, slot: int, count: int) -> list[bytes]:
+        rows = dict(
+            self._run(
+                lambda db: db.execute(
+                    "SELECT chunk, blob FROM signals WHERE journal_id=? AND slot=? AND chunk<?",
+                    (journal_id, slot, count),
+                ).fetchall()
+            )
+        )
+        return signal_chunks(journal_id, slot, count, rows)
 
     # --- quarantine ---
     def quarantine(self, journal_id: str, seq: int, blob: bytes, reason: str) -> None:

@@ -81,3 +81,19 @@ def test_ranking_caps_topics_and_drops_hidden_and_seen():
     assert "x-0" not in ids and "x-1" not in ids
     assert sum(i.startswith("x-") for i in ids) == 2
     assert all(i["reason"] for i in items)
+
+
+def test_signals_are_stored_in_chunks_that_do_not_grow_with_the_catalog():
+    from storage import codec
+
+    stats = ItemStats(load_settings(), load_settings().action_weights)
+    stats.t0 = 0.0
+    for item in range(30_000):
+        stats.trending[f"item-{item}"] = float(item)
+        stats.graph[f"item-{item}"] = {f"item-{(item + k) % 30_000}": 1.0 / k for k in range(1, 21)}
+    chunks = [codec.encode(chunk) for chunk in stats.chunks(max_bytes=256 * 1024)]
+    assert len(chunks) > 10
+    assert max(len(c) for c in chunks) < 2 * 256 * 1024
+    again = ItemStats(load_settings(), load_settings().action_weights)
+    again.restore_chunks(codec.decode(c) for c in chunks)
+    assert again.trending == stats.trending and again.graph == stats.graph

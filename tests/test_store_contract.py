@@ -235,3 +235,12 @@ def test_quarantined_rows_are_kept_with_their_reason(store):
         (7, "cannot be applied: KeyError"),
     ]
     assert store.get_quarantine("shard-c") == []
+
+
+def test_item_signal_chunks_are_read_back_in_order(store):
+    store.put_signals("shard-a", 1, [b"zero", b"one", b"two"])
+    store.put_signals("shard-a", 0, [b"other slot"])
+    assert store.get_signals("shard-a", 1, 3) == [b"zero", b"one", b"two"]
+    assert store.get_signals("shard-a", 1, 2) == [b"zero", b"one"]
+    with pytest.raises(CorruptRecord, match="chunk 3 of 4"):
+        store.get_signals("shard-a", 1, 4)
