@@ -157,6 +157,11 @@ class ProfileShard:
                 return prepared
             try:
                 await asyncio.to_thread(state.append, prepared)
+            except StaleEpoch:
+                # The store fenced us out: stop believing we own what we do not.
+                with contextlib.suppress(PersonaError):
+                    state.sync_ownership(await asyncio.to_thread(state.store.get_assignments))
+                raise
             except JournalConflict:
                 if attempt == 2:
                     raise
@@ -219,6 +224,10 @@ class ProfileShard:
         self._ensure_ticker()
         state = self.state
         partition = {u: state.partition(u) for u in user_ids}
+        if any(p not in state.owned for p in partition.values()):
+            # The store may have given us partitions a mover did not tell us about.
+            async with self._write_lock:
+                state.sync_ownership(await asyncio.to_thread(state.store.get_assignments))
         missing = state.missing_users(u for u in user_ids if partition[u] in state.owned)
         if missing:
             await state.load(missing)
@@ -254,7 +263,7 @@ class ProfileShard:
         async with self._write_lock:
             epochs = state.stop_owning(partitions)
             try:
-                await self.checkpoint()
+                await self._checkpoint_and_seal(epochs, target)
                 new = await asyncio.to_thread(state.store.claim_partitions, target, epochs)
             except BaseException:
                 with contextlib.suppress(PersonaError):
@@ -262,6 +271,22 @@ class ProfileShard:
                 raise
             state.handed_over(epochs)
         return new
+
+    async def _checkpoint_and_seal(self, epochs: dict[int, int], target: str) -> None:
+        """Checkpoint, then seal the journal; a position taken meanwhile (another
+        incarnation, or an append that landed after a timeout) is caught up with and
+        checkpointed too, so the store holds every row before the seal."""
+        state = self.state
+        for _attempt in range(3):
+            await self.checkpoint()
+            if not epochs:
+                return
+            try:
+                await asyncio.to_thread(state.seal_release, epochs, target)
+                return
+            except JournalConflict:
+                await asyncio.to_thread(state.catch_up)
+        raise StaleEpoch(f"{state.name}: its journal kept moving while sealing a hand-over")
 
     async def acquire_partitions(self) -> int:
         """Own what the store says this shard owns (idempotent: a mover that died

@@ -14,9 +14,10 @@ separate so the protocol reads top to bottom in one place:
                a partition owned at the epoch the row was fenced with (a row that
                landed after a timeout and a move is not ours to apply); a row that
                cannot be applied is quarantined, never crash-looped on.
-4. hand-over:  the old owner stops writes, checkpoints, and itself advances the
-               store's epoch to the new owner; the new owner adopts partitions the
-               store says it owns (on the mover's call, or lazily on its first write).
+4. hand-over:  the old owner stops writes, checkpoints, seals its journal (a row
+               naming the partitions, written like any append) and itself advances
+               the store's epoch to the new owner; the new owner adopts partitions
+               the store says it owns (on the mover's call, or lazily on first use).
 5. passivate:  beyond the resident cap, the least recently used profiles that no
                batch in flight holds are written (if dirty) and dropped.
 
@@ -225,7 +226,7 @@ class ShardState:
         touched: dict[str, None] = {}
         keys: dict[str, int] = {}
         for _seq, _blob, row in reversed(rows):
-            if row is None:
+            if row is None or row.released:
                 continue
             if row.deleted is not None:
                 deleted_later.add(row.deleted)
@@ -250,16 +251,26 @@ class ShardState:
 
     def _ours(self, row: JournalRow) -> list[tuple[int, Sequence]]:
         """(line, event) of a row's events whose partition is owned at the row's epoch."""
-        owned = self.owned
+        owned, releasing = self.owned, self.releasing
         kept = []
         for line, event in zip(row.lines, row.events, strict=True):
             partition = self.partition(event[0])
-            epoch = owned.get(partition)
+            # A partition being handed over is still ours to catch up with: every row
+            # before the hand-over's seal must be in the checkpoint the new owner reads.
+            epoch = owned.get(partition, releasing.get(partition))
             if epoch is not None and (row.fence is None or row.fence.get(partition) == epoch):
                 kept.append((line, event))
         return kept
 
     def _replay(self, seq: int, row: JournalRow) -> None:
+        if row.released:
+            # Another incarnation of this shard handed these partitions over: nothing
+            # of them may be written here any more (see seal_release).
+            gone = [p for p, e in row.released.items() if self.owned.get(p) == e]
+            for partition in gone:
+                self.owned.pop(partition)
+            self.handed_over(gone)
+            return
         if row.deleted is not None:
             partition = self.partition(row.deleted)
             if partition in self.owned and (
@@ -279,6 +290,19 @@ class ShardState:
         log.error("%s: journal row %d quarantined: %s", self.name, seq, reason)
         self.store.quarantine(self.name, seq, blob, reason)
         self.totals["quarantined"] += 1
+
+    def seal_release(self, epochs: Mapping[int, int], target: str) -> int:
+        """Write a hand-over's seal at this shard's next journal position, with the
+        same conditional append as every batch. Any incarnation of this shard that
+        appends later must take that position first, so it reads the seal and stops
+        writing the partitions: no write can slip in between the owner's last
+        checkpoint and the store's new epoch, whatever the store (Cassandra checks
+        the fence with a read before the append; this closes that window)."""
+        seq = self.last_seq + 1
+        row = {"release": dict(epochs), "to": target, "fence": dict(epochs)}
+        self.store.append_journal(self.name, seq, codec.encode(row), fence=dict(epochs))
+        self.last_seq = seq
+        return seq
 
     # --- loading ---
     def missing_users(self, user_ids: Iterable[str]) -> list[str]:
@@ -754,7 +778,8 @@ class CheckpointPlan:
 
 @dataclass(frozen=True)
 class JournalRow:
-    """One decoded journal row: a batch (source, events, lines) or a delete."""
+    """One decoded journal row: a batch (source, events, lines), a delete, or the seal
+    of a hand-over."""
 
     source: str = ""
     events: list = field(default_factory=list)
@@ -762,6 +787,7 @@ class JournalRow:
     fence: dict[int, int] | None = None
     deleted: str | None = None
     deleted_at: float = 0.0
+    released: dict[int, int] | None = None  # a hand-over's seal: partition -> epoch
 
 
 def journal_row(row: dict) -> JournalRow:
@@ -769,6 +795,8 @@ def journal_row(row: dict) -> JournalRow:
     (lines = indexes) whose events belong to whoever owns their partition now."""
     fence = row.get("fence")
     fence = {int(p): e for p, e in fence.items()} if fence is not None else None
+    if "release" in row:
+        return JournalRow(released={int(p): e for p, e in row["release"].items()}, fence=fence)
     if "delete" in row:
         return JournalRow(deleted=row["delete"], deleted_at=row.get("at", 0.0), fence=fence)
     events = row["events"]

@@ -26,6 +26,7 @@ _TABLES = (
     "tombstones",
     "dedup",
     "quarantine",
+    "signals",
 )
 
 

@@ -19,7 +19,7 @@ from actors.events import EventValidator
 from actors.profile import Profile
 from actors.routing import partition_of
 from actors.shard import ProfileShard
-from persona.errors import ConfigError, PersonaError, StoreUnavailable
+from persona.errors import ConfigError, PersonaError, StaleEpoch, StoreUnavailable
 from persona.settings import load_settings
 from storage import codec, open_store
 
@@ -33,6 +33,7 @@ class Faulty:
     def __init__(self, store):
         self._store = store
         self.fail: set[str] = set()
+        self.unfenced = False  # journal appends skip the fence (a check that ran earlier)
         self.hold: dict[str, tuple[threading.Event, threading.Event]] = {}
 
     def hold_next(self, method: str) -> tuple[threading.Event, threading.Event]:
@@ -52,6 +53,8 @@ class Faulty:
             if held is not None:
                 held[0].set()
                 held[1].wait(10)
+            if self.unfenced and name == "append_journal":
+                kwargs.pop("fence", None)
             return real(*args, **kwargs)
 
         return call
@@ -239,7 +242,7 @@ def test_a_read_from_before_an_eviction_is_read_again(settings):
 # --- moves ---------------------------------------------------------------------------
 
 
-def test_replay_skips_a_landed_row_whose_partition_moved_away(settings):
+def test_an_append_that_landed_after_a_timeout_is_applied_once_across_a_move(settings):
     moved, stays = user_in(0), user_in(1)
 
     async def scenario():
@@ -252,22 +255,70 @@ def test_replay_skips_a_landed_row_whose_partition_moved_away(settings):
         await state.load_dedup(state.dedup_keys("Y", batch.events))
         prepared = state.prepare("Y", batch)
         state.store.append_journal("A", prepared.seq, prepared.blob, fence=prepared.fence)
+        # The hand-over's seal finds that position taken: A catches up with the row
+        # and checkpoints it before the store names B.
         await old.release_partitions([0], "B")
         new = shard(settings, "B")
         await new.acquire_partitions()
-        assert (await new.apply_batch("Y", [event(moved, "orphan")]))["applied"] == 1
+        retry = await new.apply_batch("Y", [event(moved, "orphan")])
         await new.apply_batch("b-new", [event(moved, "song-new", NOW + 1)])
         await new.checkpoint()
-        # A's next write finds its position taken and catches up with the orphan row.
         await old.apply_batch("other", [event(stays, "x")])
         await old.checkpoint()
         restarted = shard(settings, "A")
         await restarted.checkpoint()
-        return moved in old.state.table, moved in restarted.state.table
+        return retry, moved in old.state.table, moved in restarted.state.table
 
-    in_old, in_restarted = asyncio.run(scenario())
+    retry, in_old, in_restarted = asyncio.run(scenario())
+    assert (retry["applied"], retry["duplicate"]) == (0, 1)
     assert not in_old and not in_restarted
     assert stored_events(settings, moved) == 22
+
+
+def test_replay_applies_nothing_into_a_partition_taken_without_a_hand_over(settings):
+    moved = user_in(0)
+
+    async def scenario():
+        old = shard(settings, "A")
+        await old.apply_batch("b0", [event(moved, "x")])
+        await old.checkpoint()
+        state = old.state
+        batch = state.check([event(moved, "late")], None, validated=False)
+        await state.load_dedup(state.dedup_keys("late", batch.events))
+        prepared = state.prepare("late", batch)
+        # The partition is taken in the store behind A's back (no seal), and B writes.
+        epoch = state.store.get_assignments()[0].epoch
+        state.store.claim_partitions("B", {0: epoch})
+        new = shard(settings, "B")
+        await new.apply_batch("b1", [event(moved, "y")])
+        await new.checkpoint()
+        # Then a row fenced with A's old epoch shows up at A's next position.
+        state.store.append_journal("A", prepared.seq, prepared.blob)
+        restarted = shard(settings, "A")
+        await restarted.checkpoint()
+        return moved in restarted.state.table
+
+    assert asyncio.run(scenario()) is False
+    assert stored_events(settings, moved) == 2
+
+
+def test_a_second_incarnation_cannot_write_past_a_hand_over(settings):
+    user = user_in(0)
+
+    async def scenario():
+        zombie, current = shard(settings, "A"), shard(settings, "A")
+        await current.release_partitions([0], "B")
+        # The zombie still believes it owns partition 0 at the old epoch, and its
+        # fence check ran before the move (Cassandra checks, then appends): its next
+        # append must take the position the seal holds, so it reads the seal first.
+        zombie.state.store = Faulty(zombie.state.store)
+        zombie.state.store.unfenced = True
+        with pytest.raises(StaleEpoch):
+            await zombie.apply_batch("z", [event(user, "x")])
+        return 0 in zombie.state.owned
+
+    assert asyncio.run(scenario()) is False
+    assert stored_events(settings, user) == 0
 
 
 def test_a_failed_release_checkpoint_keeps_the_partitions(settings):
