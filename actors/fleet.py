@@ -27,6 +27,7 @@ from actors.routing import (
     partition_of,
     plan_moves,
     shard_name,
+    split_by_owner,
 )
 from actors.shard import shard_actor
 from persona.errors import ConfigError, InvalidEvents, StaleEpoch
@@ -192,14 +193,7 @@ class Fleet:
         return total
 
     def _split(self, events: list, lines: list[int]) -> dict[str, tuple[list, list[int]]]:
-        """Events and their lines grouped by the shard that owns their user's partition."""
-        parts: dict[str, tuple[list, list[int]]] = {}
-        owners, partitions = self.owners, self.partitions
-        for event, line in zip(events, lines, strict=True):
-            part = parts.setdefault(owners[partition_of(event[0], partitions)], ([], []))
-            part[0].append(event)
-            part[1].append(line)
-        return parts
+        return split_by_owner(events, lines, self.owners, self.partitions)
 
     async def _before_reroute(self, attempt: int, deadline: float, what: str) -> None:
         """Back off briefly, then re-read the assignment; give up past the deadline."""

@@ -26,13 +26,16 @@ def initial_assignment(partitions: int, shards: int) -> dict[int, str]:
 
 
 def split_by_owner(
-    events: Iterable[Sequence], owners: Mapping[int, str], partitions: int
-) -> dict[str, list]:
-    """Group events (user id first) by the shard that owns the user's partition."""
-    parts: dict[str, list] = defaultdict(list)
-    for event in events:
-        parts[owners[partition_of(event[0], partitions)]].append(event)
-    return dict(parts)
+    events: Sequence[Sequence], lines: Sequence[int], owners: Mapping[int, str], partitions: int
+) -> dict[str, tuple[list, list[int]]]:
+    """Events (user id first) and their lines, grouped by the shard that owns each
+    user's partition; every event keeps its own line."""
+    parts: dict[str, tuple[list, list[int]]] = {}
+    for event, line in zip(events, lines, strict=True):
+        part = parts.setdefault(owners[partition_of(event[0], partitions)], ([], []))
+        part[0].append(event)
+        part[1].append(line)
+    return parts
 
 
 def group_users(

@@ -77,7 +77,7 @@ class SqliteStore(Store):
             # Per connection: every process sets it from the settings it was handed.
             self._db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[durability]}")
             self._db.executescript(SCHEMA)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:  # OSError: the folder cannot be made
             raise StoreUnavailable(f"cannot open SQLite store at {self.path}: {exc}") from exc
         # One connection shared by this process's threads; SQLite has one writer anyway.
         self._lock = threading.RLock()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -14,6 +17,7 @@ from hypothesis import strategies as st
 from actors.events import EventValidator
 from actors.routing import initial_assignment, partition_of, split_by_owner
 from persona.errors import InvalidEvents
+from persona.settings import PROJECT_ROOT
 
 NOW = 1_700_000_000.0
 VALIDATOR = EventValidator(["view", "click", "hide"])
@@ -119,16 +123,21 @@ def test_all_or_nothing_raises_with_every_error():
     assert [e["index"] for e in info.value.errors] == [1, 2]
 
 
-def test_partition_hash_is_stable_across_processes():
+def test_partition_hash_is_stable_across_processes_and_releases():
     # Fixed values: a change here would silently re-home every user.
-    assert [partition_of(u, 256) for u in ("alice", "bob", "用户")] == [
-        partition_of("alice", 256),
-        partition_of("bob", 256),
-        partition_of("用户", 256),
-    ]
-    import zlib
-
-    assert partition_of("alice", 256) == zlib.crc32(b"alice") % 256
+    assert [partition_of(u, 256) for u in ("alice", "bob", "用户")] == [71, 64, 221]
+    assert partition_of("user-123456", 4096) == 2398
+    # ...and another interpreter with another hash seed agrees (str hash() would not).
+    code = "from actors.routing import partition_of; print(partition_of('alice', 256))"
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=str(PROJECT_ROOT),
+    )
+    assert other.stdout.strip() == "71"
 
 
 def test_partitions_are_roughly_uniform():
@@ -137,15 +146,17 @@ def test_partitions_are_roughly_uniform():
     assert max(counts.values()) < 1.2 * 1000 and min(counts.values()) > 0.8 * 1000
 
 
-def test_split_by_owner_keeps_each_user_on_one_shard():
+def test_split_by_owner_keeps_each_user_on_one_shard_with_its_lines():
     owners = initial_assignment(16, 3)
     events = [(f"u{i % 50}", "i", "view", NOW, (), 1.0) for i in range(500)]
-    parts = split_by_owner(events, owners, 16)
-    assert sum(map(len, parts.values())) == 500
+    parts = split_by_owner(events, list(range(1000, 1500)), owners, 16)
+    assert sum(len(part[0]) for part in parts.values()) == 500
     homes = {}
-    for shard, part in parts.items():
-        for e in part:
+    for shard, (part, lines) in parts.items():
+        assert len(part) == len(lines)
+        for e, line in zip(part, lines, strict=True):
             assert homes.setdefault(e[0], shard) == shard
+            assert events[line - 1000] is e  # each event keeps its own line
 
 
 # --- validation never raises --------------------------------------------------------

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from persona.errors import CorruptRecord, JournalConflict, StaleEpoch
+from persona.errors import CorruptRecord, JournalConflict, StaleEpoch, StoreUnavailable
 from storage import Checkpoint, codec
 
 
@@ -180,13 +180,20 @@ def test_concurrent_appends_to_one_position_have_one_winner(store):
     assert len(list(store.read_journal("contended", 0))) == 1
 
 
-def test_corrupt_blob_surfaces_as_corrupt_record(store):
+def test_corrupt_blob_reaches_a_shard_as_corrupt_record(store):
+    """The store hands back exactly the bytes it was given (it never "repairs" a blob),
+    so a flipped bit is caught by the codec where a shard loads the profile."""
+    from actors.shard_state import ShardState
+    from persona.settings import load_settings
+
     good = codec.encode({"interests": {"jazz": 1.5}})
     flipped = bytearray(good)
     flipped[-1] ^= 0xFF
     store.put_profiles({"victim": bytes(flipped)})
-    with pytest.raises(CorruptRecord, match="checksum"):
-        codec.decode(store.get_profiles(["victim"])["victim"], what="profile victim")
+    assert store.get_profiles(["victim"])["victim"] == bytes(flipped)
+    shard = ShardState("s", store, load_settings(), partitions=4)
+    with pytest.raises(CorruptRecord, match="profile victim: checksum"):
+        shard.fetch_profiles(["victim"])
 
 
 def test_item_catalog(store):
@@ -201,8 +208,21 @@ def test_tombstones(store):
     assert store.get_tombstones(["gone", "alive"]) == {"gone": 1700000000.5}
 
 
-def test_ping(store):
+def test_ping_answers_on_a_live_store(store):
     store.ping()
+    store.put_profiles({"after-ping": b"x"})
+    assert store.get_profiles(["after-ping"]) == {"after-ping": b"x"}
+
+
+def test_an_unreachable_store_is_store_unavailable_naming_it(tmp_path):
+    from storage import open_store
+
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    with pytest.raises(StoreUnavailable, match="file-not-dir"):
+        open_store(f"sqlite:///{blocked}/persona.db")
+    with pytest.raises(StoreUnavailable, match="127.0.0.1:1"):
+        open_store("cassandra://127.0.0.1:1/nowhere?timeout=2")
 
 
 def test_dedup_records_are_read_back_and_replaced(store):
