@@ -3,6 +3,7 @@ bench/scaling.png): each figure next to its target, with the peer baselines meas
 in the same run and the machine it ran on.
 
     python -m bench.run_all [--quick]      (make bench / make bench-quick, persona bench)
+    python -m bench.run_all --only durability   (rerun one; the rest of results.json stays)
 
 Starts the local Cassandra node if none answers (and stops it again afterwards).
 Each benchmark runs in its own process, so each gets a fresh Ray.
@@ -38,6 +39,7 @@ def sizes(quick: bool) -> dict:
             "http_users": 20_000,
             "http_items": 20_000,
             "scaling_events": 60_000,
+            "durability_appends": 1_000,
         }
     return {
         "store": 100_000,
@@ -50,6 +52,7 @@ def sizes(quick: bool) -> dict:
         "http_users": 100_000,
         "http_items": 100_000,
         "scaling_events": 300_000,
+        "durability_appends": 3_000,
     }
 
 
@@ -108,10 +111,19 @@ def _cassandra_version() -> str:
     return LocalNode.from_settings(load_settings()).release_version() or "unknown"
 
 
+def run_durability(size: dict) -> dict:
+    return run_module("bench.durability_bench", "--appends", str(size["durability_appends"]))
+
+
+# Benchmarks that can also run alone (--only NAME), merged into the last results.json.
+SEPARATE = {"durability": run_durability}
+
+
 def collect(quick: bool) -> dict:
     size = sizes(quick)
     r: dict = {"quick": quick}
     r["store"] = run_module("bench.store_bench", "--profiles", str(size["store"]))
+    r["durability"] = run_durability(size)
     r["apply"] = run_module("bench.shard_bench", "apply", "--batches", str(size["apply_batches"]))
     r["ingest"] = run_module("bench.shard_bench", "ingest", "--events", str(size["ingest"]))
     r["naive_ingest"] = run_module(
@@ -393,6 +405,50 @@ def plot(r: dict, out: Path) -> bool:
     return True
 
 
+# The configuration each durability mode runs with (README, "What an acknowledgement means").
+MODE_CONFIG = {
+    ("sqlite", "normal"): "WAL, synchronous=NORMAL",
+    ("sqlite", "strict"): "WAL, synchronous=FULL",
+    ("cassandra", "normal"): "commitlog_sync: periodic (10 s)",
+    ("cassandra", "strict"): "commitlog_sync: batch",
+}
+
+
+def durability_section(d: dict) -> list[str]:
+    if "sqlite" not in d and "cassandra" not in d:
+        return []
+    lines = [
+        "",
+        "## What strict durability costs (journal appends, one writer)",
+        "",
+        f"`store.append_journal` of {d['appends']:,} blobs of {d['blob_bytes']:,} B, one call "
+        "at a time, each mode on a fresh journal, the two modes of a store taking turns in "
+        f"blocks of 50 ({d['filesystem']}, {d['date']}; Cassandra: two nodes of the "
+        "benchmark's own, one per commitlog mode, replication 1, LOCAL_QUORUM; appends are "
+        'lightweight transactions). See README, "What an acknowledgement means".',
+        "",
+        "| store | durability | configuration | appends/s | p50 ms | p99 ms | cost of strict "
+        "| machine busy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for store in ("sqlite", "cassandra"):
+        modes = d.get(store, {})
+        normal = modes.get("normal")
+        for mode, f in modes.items():
+            cost = (
+                f"{normal['appends_per_s'] / f['appends_per_s']:.1f}x fewer appends/s, "
+                f"p50 {f['p50_ms'] / normal['p50_ms']:.1f}x"
+                if mode == "strict" and normal
+                else ""
+            )
+            lines.append(
+                f"| {store} | {mode} | {MODE_CONFIG.get((store, mode), '')} | "
+                f"{f['appends_per_s']:,.0f} | {f['p50_ms']:.2f} | {f['p99_ms']:.2f} | {cost} | "
+                f"{f['machine_busy']:.0%} |"
+            )
+    return lines
+
+
 def render(r: dict, facts: dict) -> str:
     lines = [
         "# Benchmark results",
@@ -438,6 +494,7 @@ def render(r: dict, facts: dict) -> str:
             f"| Persona | {quality['persona']['recall']:.4f} | {quality['persona']['ndcg']:.4f} |",
             f"| global popularity (same split) | {quality['popularity']['recall']:.4f} | {quality['popularity']['ndcg']:.4f} |",
         ]
+    lines += durability_section(_get(r, "durability", "durability_bench", default={}))
     elastic = r.get("elastic", {})
     if "move" in elastic:
         lines += [
@@ -499,7 +556,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--render", action="store_true", help="only regenerate RESULTS.md and the plot"
     )
+    parser.add_argument(
+        "--only",
+        choices=sorted(SEPARATE),
+        help="run one benchmark, merge its figures into results.json and regenerate RESULTS.md",
+    )
     args = parser.parse_args(argv)
+    if args.only:
+        results = json.loads((HERE / "results.json").read_text())
+        results[args.only] = SEPARATE[args.only](sizes(args.quick))
+        (HERE / "results.json").write_text(json.dumps(results, indent=2))
+        args.render = True
     if args.render:
         results = json.loads((HERE / "results.json").read_text())
         plot(results, HERE / "scaling.png")
