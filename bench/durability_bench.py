@@ -124,13 +124,7 @@ def bench_cassandra(workdir: Path, count: int, blob: bytes) -> dict:
         results = time_appends(stores, count, blob)
         for mode, store in stores.items():
             # What the node really runs, not what was asked for.
-            results[mode]["commitlog_sync"] = (
-                store._session.execute(
-                    "SELECT value FROM system_views.settings WHERE name = 'commitlog_sync'"
-                )
-                .one()
-                .value
-            )
+            results[mode]["commitlog_sync"] = store.commitlog_sync()
     finally:
         for store in stores.values():
             store.close()

@@ -203,19 +203,25 @@ class CassandraStore(Store):
                 o.consistency,
                 o.replication_factor,
             )
-        try:  # system_views exists from Cassandra 4.0; it describes the node asked
-            row = self._session.execute(
-                "SELECT value FROM system_views.settings WHERE name = 'commitlog_sync'"
-            ).one()
-        except DriverException:
-            return
-        if row is not None and row.value not in ("batch", "group"):
+        mode = self.commitlog_sync()
+        if mode not in (None, "batch", "group"):
             log.warning(
                 "strict durability, but the Cassandra node answering syncs its commitlog "
                 "%s: an acknowledged write may be lost if every replica loses power; set "
                 "commitlog_sync: batch (or group) in each node's cassandra.yaml",
-                row.value,
+                mode,
             )
+
+    def commitlog_sync(self) -> str | None:
+        """The commitlog sync mode of the node that answers (periodic, batch or group),
+        or None where Cassandra has no system_views (before 4.0)."""
+        try:
+            row = self._session.execute(
+                "SELECT value FROM system_views.settings WHERE name = 'commitlog_sync'"
+            ).one()
+        except DriverException:
+            return None
+        return row.value if row else None
 
     def keyspace_replication(self) -> dict[str, str]:
         """The replication map Cassandra holds for this keyspace (for checks and tests)."""
