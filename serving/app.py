@@ -98,6 +98,17 @@ def _valid_id(value: str, name: str) -> str:
     return value
 
 
+# Module helpers that routes call are defined above Ingress: Serve pickles the routes
+# by value when the class is decorated, with the globals that exist at that moment.
+def client_scope(authorization: str | None) -> str:
+    """Whose Idempotency-Keys these are: a digest of the bearer credential (or
+    "anonymous"), so two clients that both send `req-1` never swallow each other's
+    batch, and a key names no secret in the journal."""
+    if not authorization:
+        return "anonymous"
+    return "client-" + hashlib.sha256(authorization.strip().encode()).hexdigest()[:16]
+
+
 @serve.deployment(name="Ingress", max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
@@ -393,15 +404,6 @@ class Ingress:
         if item_id not in found:
             raise ApiError(404, "unknown_item", f"no item {item_id!r} in the catalog")
         return decode_item(item_id, found[item_id])
-
-
-def client_scope(authorization: str | None) -> str:
-    """Whose Idempotency-Keys these are: a digest of the bearer credential (or
-    "anonymous"), so two clients that both send `req-1` never swallow each other's
-    batch, and a key names no secret in the journal."""
-    if not authorization:
-        return "anonymous"
-    return "client-" + hashlib.sha256(authorization.strip().encode()).hexdigest()[:16]
 
 
 def token_digest(settings: Settings) -> str:
