@@ -126,7 +126,10 @@ class Settings:
     # --- serving ---
     api_token: str = ""
     protect_reads: bool = False
+    # Bytes of one POST /v1/events or PUT /v1/items body.
     max_body_bytes: int = 8 * 1024 * 1024
+    # Items of one PUT /v1/items (events of one POST: max_batch_events).
+    max_items_per_request: int = 10_000
     http_port: int = 8000
 
     def model_fingerprint(self) -> str:

@@ -9,17 +9,19 @@ import asyncio
 import dataclasses
 import hashlib
 import hmac
-import json
 import logging
 import time
 import uuid
+from typing import Any
 
 from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from actors.catalog import decode_item, encode_item, item_problem
-from actors.events import check_id, decode_msgpack_batch
+from actors.catalog import MAX_EMBEDDING_DIM, decode_item, encode_item, item_problem
+from actors.events import ALLOWED, MAX_TOPICS, check_id
 from actors.fleet import Fleet
 from actors.profile import ProfileRules
 from persona.errors import (
@@ -34,13 +36,22 @@ from persona.settings import Settings, load_settings
 from serving import schemas
 from serving.metrics import ApiMetrics
 from serving.recommend import RecommenderCore
-from serving.views import error_body, profile_view
+from serving.views import (
+    ApiError,
+    BodyLimits,
+    decode_json,
+    decode_msgpack_records,
+    error_body,
+    profile_view,
+)
 from storage import open_store
 
 log = logging.getLogger(__name__)
 
 JSON_TYPES = ("application/json",)
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+# Bodies larger than this are decoded in a worker thread, so the replica keeps serving.
+OFF_LOOP_BYTES = 64 * 1024
 
 api = FastAPI(
     title="Persona",
@@ -56,11 +67,6 @@ ERRORS = {
     422: {"model": schemas.ErrorBody, "description": "invalid input; nothing was applied"},
     503: {"model": schemas.ErrorBody, "description": "store or shard unavailable; retry"},
 }
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, **details):
-        self.status, self.code, self.message, self.details = status, code, message, details
 
 
 # --- errors: one mapping for the whole API ---------------------------------------------
@@ -91,11 +97,38 @@ async def _persona_error(_request: Request, exc: PersonaError) -> JSONResponse:
     raise exc  # pragma: no cover - PersonaError is the last entry
 
 
-def _valid_id(value: str, name: str) -> str:
-    problem = check_id(value, name)
-    if problem:
-        raise ApiError(422, "invalid_id", problem)
-    return value
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's own checks of query parameters and headers, in the API's error shape.
+    # Only where and why: the offending input is not echoed back.
+    errors = [
+        {"field": ".".join(str(part) for part in problem.get("loc", ())), "reason": problem["msg"]}
+        for problem in exc.errors()
+    ]
+    message = "; ".join(f"{e['field']}: {e['reason']}" for e in errors[:3])
+    return JSONResponse(error_body("invalid_request", message, errors=errors), status_code=422)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # The router's own refusals: no such path (404), no such method on it (405).
+    message = f"{request.method} {request.url.path[:200]}: {exc.detail} (the routes are in /docs)"
+    return JSONResponse(
+        error_body(_HTTP_CODES.get(exc.status_code, "http_error"), message),
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_request: Request, _exc: Exception) -> JSONResponse:
+    # A bug still answers in the one error shape; Starlette logs the traceback.
+    return JSONResponse(
+        error_body("internal", "an unexpected error; it has been logged"), status_code=500
+    )
 
 
 # Module helpers that routes call are defined above Ingress: Serve pickles the routes
@@ -107,6 +140,13 @@ def client_scope(authorization: str | None) -> str:
     if not authorization:
         return "anonymous"
     return "client-" + hashlib.sha256(authorization.strip().encode()).hexdigest()[:16]
+
+
+def _valid_id(value: str, name: str, *, in_url_path: bool = True) -> str:
+    problem = check_id(value, name, in_url_path=in_url_path)
+    if problem:
+        raise ApiError(422, "invalid_id", problem)
+    return value
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=256)
@@ -124,6 +164,14 @@ class Ingress:
         self.recommender.load_catalog()
         self._refresher: asyncio.Task | None = None
         self.metrics = ApiMetrics()
+        # An event holds its fields and up to MAX_TOPICS topics; an item its fields, its
+        # topics and an embedding.
+        self.event_limits = BodyLimits(
+            self.settings.max_batch_events, 2 * max(len(ALLOWED), MAX_TOPICS), "events"
+        )
+        self.item_limits = BodyLimits(
+            self.settings.max_items_per_request, MAX_EMBEDDING_DIM + 2 * MAX_TOPICS, "items"
+        )
 
     def _keep_recommender_fresh(self) -> None:
         if self._refresher is None or self._refresher.done():
@@ -261,13 +309,14 @@ class Ingress:
     ) -> dict:
         started = time.perf_counter()
         self.check_token(authorization, read=False)
+        # A key names a batch, never a URL: only the common id rules apply.
+        batch_id = (
+            _valid_id(idempotency_key, "Idempotency-Key", in_url_path=False)
+            if idempotency_key
+            else uuid.uuid4().hex
+        )
+        events = await self._read_batch(request)
         try:
-            events = await self._read_batch(request)
-            batch_id = (
-                _valid_id(idempotency_key, "Idempotency-Key")
-                if idempotency_key
-                else uuid.uuid4().hex
-            )
             ack = await self.fleet.apply_async(
                 f"{client_scope(authorization)}:{batch_id}", events, all_or_nothing=True
             )
@@ -285,33 +334,9 @@ class Ingress:
         }
 
     async def _read_batch(self, request: Request) -> list:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type not in JSON_TYPES + MSGPACK_TYPES:
-            raise ApiError(
-                415,
-                "unsupported_media_type",
-                f"send application/json or application/msgpack, not {content_type or 'nothing'!r}",
-            )
-        limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, "body_too_large", f"the body limit is {limit} bytes")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, "body_too_large", f"the body limit is {limit} bytes")
-        if content_type in MSGPACK_TYPES:
-            events = decode_msgpack_batch(bytes(body))
-        else:
-            try:
-                events = json.loads(body.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise ApiError(400, "bad_encoding", f"the body is not UTF-8: {exc}") from exc
-            except json.JSONDecodeError as exc:
-                raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from exc
+        events = await self._read_body(request, JSON_TYPES + MSGPACK_TYPES, self.event_limits)
         if not isinstance(events, list):
-            raise ApiError(422, "invalid_events", "the body must be a JSON array of events")
+            raise ApiError(422, "invalid_events", "the body must be an array of events")
         if not events:
             raise ApiError(422, "empty_batch", "the batch holds no events")
         if len(events) > self.settings.max_batch_events:
@@ -321,6 +346,42 @@ class Ingress:
                 f"{len(events)} events; at most {self.settings.max_batch_events} per request",
             )
         return events
+
+    async def _read_body(self, request: Request, media: tuple[str, ...], limits: BodyLimits) -> Any:
+        """The decoded body of a write, or an ApiError: 415 for another media type, 413
+        over the byte limit or the structure budget, 400 when it does not decode, 422 for
+        numbers and nesting no record can hold. Large bodies decode in a worker thread."""
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type not in media:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"send {' or '.join(media)}, not {media_type or 'no Content-Type'!r}",
+            )
+        body = await self._body_bytes(request)
+        decode = decode_msgpack_records if media_type in MSGPACK_TYPES else decode_json
+        if len(body) > OFF_LOOP_BYTES:
+            return await asyncio.to_thread(decode, body, limits)
+        return decode(body, limits)
+
+    async def _body_bytes(self, request: Request) -> bytearray:
+        """The body, streamed and refused (413) as soon as it passes max_body_bytes."""
+        limit = self.settings.max_body_bytes
+        too_large = ApiError(413, "body_too_large", f"the body limit is {limit} bytes")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            # The HTTP server refuses a malformed length; a proxy in front may not.
+            if not (declared.isascii() and declared.isdigit()):
+                raise ApiError(400, "bad_content_length", "Content-Length must be digits")
+            digits = declared.lstrip("0")
+            if len(digits) > len(str(limit)) or int(digits or "0") > limit:
+                raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        return body
 
     @api.delete(
         "/v1/users/{user_id}",
@@ -342,7 +403,11 @@ class Ingress:
     @api.put(
         "/v1/items",
         response_model=schemas.Upserted,
-        responses=ERRORS,
+        responses={
+            **ERRORS,
+            413: {"model": schemas.ErrorBody, "description": "body or upload too large"},
+            415: {"model": schemas.ErrorBody, "description": "not JSON"},
+        },
         tags=["catalog"],
         openapi_extra={
             "requestBody": {
@@ -367,13 +432,15 @@ class Ingress:
     async def put_items(self, request: Request, authorization: str | None = Header(None)) -> dict:
         started = time.perf_counter()
         self.check_token(authorization, read=False)
-        try:
-            body = json.loads((await request.body()).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from exc
+        body = await self._read_body(request, JSON_TYPES, self.item_limits)
         items = body.get("items") if isinstance(body, dict) else None
         if not isinstance(items, list) or not items:
             raise ApiError(422, "invalid_items", 'send {"items": [...]} with at least one item')
+        limit = self.settings.max_items_per_request
+        if len(items) > limit:
+            raise ApiError(
+                413, "too_many_items", f"{len(items)} items; at most {limit} per request"
+            )
         errors = [
             {"index": n, "reason": problem}
             for n, item in enumerate(items)

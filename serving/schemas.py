@@ -8,7 +8,11 @@ from pydantic import BaseModel, Field
 class ErrorDetail(BaseModel):
     code: str = Field(description="machine-readable error code")
     message: str = Field(description="what was wrong and what to do")
-    errors: list[dict] | None = Field(None, description="per-event problems: index and reason")
+    errors: list[dict] | None = Field(
+        None,
+        description="the problems one by one: index (of an event or item) or field "
+        "(a query parameter or header), and reason",
+    )
 
 
 class ErrorBody(BaseModel):
