@@ -34,7 +34,7 @@ from persona.errors import (
 )
 from persona.settings import Settings, load_settings
 from serving import schemas
-from serving.metrics import ApiMetrics
+from serving.metrics import EventMetrics, RequestMetrics
 from serving.recommend import RecommenderCore
 from serving.views import (
     ApiError,
@@ -131,6 +131,30 @@ async def _unexpected(_request: Request, _exc: Exception) -> JSONResponse:
     )
 
 
+# The metric label of each route: a fixed name, never the raw path (its user and item ids
+# would make one series per id).
+ENDPOINTS = {
+    "get_profile": "profile",
+    "get_recommendations": "recommendations",
+    "post_events": "events",
+    "delete_user": "delete",
+    "put_items": "items_put",
+    "get_item": "items_get",
+    "healthz": "healthz",
+    "readyz": "readyz",
+}
+
+
+def endpoint_label(scope: dict) -> str:
+    route = scope.get("route")
+    if route is None:
+        return "unmatched"
+    return ENDPOINTS.get(getattr(route, "name", ""), "other")
+
+
+api.add_middleware(RequestMetrics, endpoint_of=endpoint_label)
+
+
 # Module helpers that routes call are defined above Ingress: Serve pickles the routes
 # by value when the class is decorated, with the globals that exist at that moment.
 def client_scope(authorization: str | None) -> str:
@@ -163,7 +187,7 @@ class Ingress:
         self.recommender = RecommenderCore(self.settings, self.fleet)
         self.recommender.load_catalog()
         self._refresher: asyncio.Task | None = None
-        self.metrics = ApiMetrics()
+        self.metrics = EventMetrics()
         # An event holds its fields and up to MAX_TOPICS topics; an item its fields, its
         # topics and an embedding.
         self.event_limits = BodyLimits(
@@ -244,14 +268,11 @@ class Ingress:
     async def get_profile(
         self, user_id: str, authorization: str | None = Header(None)
     ) -> JSONResponse:
-        started = time.perf_counter()
         self.check_token(authorization, read=True)
         _valid_id(user_id, "user_id")
         record = await self._read_profiles(user_id)
         if record is None:
-            self.metrics.request("profile", 404, started)
             raise ApiError(404, "unknown_user", f"no profile for user {user_id!r}")
-        self.metrics.request("profile", 200, started)
         # A Response skips FastAPI's re-validation of the output through the
         # response model (the model still documents it): the hottest route's biggest cost.
         return JSONResponse(profile_view(record, self.rules, time.time()))
@@ -264,19 +285,19 @@ class Ingress:
     )
     async def get_recommendations(
         self,
+        request: Request,
         user_id: str,
         k: int = Query(20, ge=1, le=200),
         topic: str | None = Query(None, max_length=64),
         exclude_seen: bool = True,
         authorization: str | None = Header(None),
     ) -> JSONResponse:
-        started = time.perf_counter()
         self.check_token(authorization, read=True)
         _valid_id(user_id, "user_id")
         record = await self._read_profiles(user_id)
         recommender = await self._recommender_ready()
         result = recommender.recommend(user_id, record, k, topic or None, exclude_seen)
-        self.metrics.request("recommendations", 200, started, variant=result["variant"])
+        request.state.variant = result["variant"]  # for the request metric
         return JSONResponse(result)
 
     @api.post(
@@ -307,7 +328,6 @@ class Ingress:
         idempotency_key: str | None = Header(None),
         authorization: str | None = Header(None),
     ) -> dict:
-        started = time.perf_counter()
         self.check_token(authorization, read=False)
         # A key names a batch, never a URL: only the common id rules apply.
         batch_id = (
@@ -322,10 +342,8 @@ class Ingress:
             )
         except InvalidEvents as exc:
             self.metrics.events(rejected=len(exc.errors))
-            self.metrics.request("events", 422, started)
             raise
         self.metrics.events(applied=ack["applied"])
-        self.metrics.request("events", 200, started)
         return {
             "batch_id": batch_id,
             "applied": ack["applied"],
@@ -390,12 +408,9 @@ class Ingress:
         tags=["profiles"],
     )
     async def delete_user(self, user_id: str, authorization: str | None = Header(None)) -> Response:
-        started = time.perf_counter()
         self.check_token(authorization, read=False)
         _valid_id(user_id, "user_id")
         existed = await self.fleet.delete_user_async(user_id)
-        status = 204 if existed else 404
-        self.metrics.request("delete", status, started)
         if not existed:
             raise ApiError(404, "unknown_user", f"no data held for user {user_id!r}")
         return Response(status_code=204)
@@ -430,7 +445,6 @@ class Ingress:
         },
     )
     async def put_items(self, request: Request, authorization: str | None = Header(None)) -> dict:
-        started = time.perf_counter()
         self.check_token(authorization, read=False)
         body = await self._read_body(request, JSON_TYPES, self.item_limits)
         items = body.get("items") if isinstance(body, dict) else None
@@ -455,7 +469,6 @@ class Ingress:
         # catalog refresh (catalog_refresh_s).
         await self.recommender.refresh_now()
         self._keep_recommender_fresh()
-        self.metrics.request("items_put", 200, started)
         return {"upserted": len(items)}
 
     @api.get(

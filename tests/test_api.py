@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import re
 import socket
 import time
 
+import httpx
 import msgpack
 import pytest
 import ray
@@ -423,3 +426,54 @@ def test_item_uploads_have_a_byte_and_an_item_limit(api):
     error = assert_refused(api.put("/v1/items", json=heavy, headers=AUTH), 413)
     assert error["code"] == "body_too_large"
     assert api.get("/v1/items/n0", headers=AUTH).status_code == 404
+
+
+REQUESTS_METRIC = re.compile(
+    r"^ray_persona_requests(?:_total)?\{(?P<labels>[^}]*)\} (?P<value>\S+)$", re.M
+)
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def request_counts() -> collections.Counter:
+    """`ray_persona_requests` of the test app by (endpoint, status, variant), read from
+    the Prometheus endpoint of this Ray session's node."""
+    port = next(node["MetricsExportPort"] for node in ray.nodes() if node["Alive"])
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    counts = collections.Counter()
+    for sample in REQUESTS_METRIC.finditer(text):
+        labels = dict(LABEL.findall(sample["labels"]))
+        if labels.get("application") == "persona":
+            key = (labels["endpoint"], labels["status"], labels["variant"])
+            counts[key] += float(sample["value"])
+    return counts
+
+
+def test_every_response_is_counted_by_endpoint_status_and_variant(api):
+    before = request_counts()
+    expected = collections.Counter()
+
+    def made(reply, endpoint: str, variant: str = "") -> None:
+        expected[endpoint, str(reply.status_code), variant] += 1
+
+    made(api.post("/v1/events", json=[event(user="counted")]), "events")
+    made(post(api, [event(user="counted")], Authorization="Bearer wrong"), "events")
+    made(post(api, [event(user="counted", item=f"i{n}") for n in range(501)]), "events")
+    made(json_body(api, "/v1/events", b"[]", **{"Content-Type": "text/plain"}), "events")
+    made(json_body(api, "/v1/events", b"[{"), "events")
+    made(api.get("/v1/users/counted/recommendations", params={"k": 0}), "recommendations")
+    recs = api.get("/v1/users/counted/recommendations", params={"k": 1})
+    made(recs, "recommendations", recs.json()["variant"])
+    made(api.get("/v1/users/counted/profile"), "profile")
+    made(api.get("/healthz"), "healthz")
+    made(api.get("/v1/nowhere"), "unmatched")
+    statuses = {status for _, status, _ in expected}
+    assert statuses == {"200", "400", "401", "403", "404", "413", "415", "422"}, expected
+    # Replicas push metrics every few seconds: wait for the counts, within a bound.
+    deadline = time.monotonic() + 120
+    while True:
+        after = request_counts()
+        missing = {key: n for key, n in expected.items() if after[key] - before[key] < n}
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not missing, (missing, after)
