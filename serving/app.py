@@ -212,12 +212,21 @@ class Ingress:
     def check_token(self, authorization: str | None, *, read: bool) -> None:
         if not self.token_sha256 or (read and not self.settings.protect_reads):
             return
-        if not authorization:
+        if not self._presents_token(authorization):
             raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>")
-        scheme, _, token = authorization.partition(" ")
+
+    def _presents_token(self, authorization: str | None) -> bool:
+        """Whether the caller sent the API token (403 for another one); always true when
+        no token is set."""
+        if not self.token_sha256:
+            return True
+        if not authorization:
+            return False
+        scheme, _, token = authorization.strip().partition(" ")
         digest = hashlib.sha256(token.strip().encode()).hexdigest()
         if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.token_sha256):
             raise ApiError(403, "forbidden", "the bearer token is not valid")
+        return True
 
     # --- batched shard reads: many requests, one actor call per shard ---
     @serve.batch(max_batch_size=128, batch_wait_timeout_s=0.002)
@@ -236,7 +245,10 @@ class Ingress:
         responses={503: {"model": schemas.Readiness}},
         tags=["operations"],
     )
-    async def readyz(self) -> Response:
+    async def readyz(self, authorization: str | None = Header(None)) -> Response:
+        # Anonymous callers (probes) learn ready or not; the details name the store's
+        # hosts and the shards, so they need a token that may read.
+        detailed = self._presents_token(authorization)
         store_state = "ok"
         try:
             await asyncio.wait_for(asyncio.to_thread(self.store.ping), timeout=3.0)
@@ -256,7 +268,9 @@ class Ingress:
         states = await asyncio.gather(*(ping(self.fleet.shards[n]) for n in names))
         shards = dict(zip(names, states, strict=True))
         ready = store_state == "ok" and all(s == "ok" for s in shards.values())
-        body = {"status": "ready" if ready else "not ready", "store": store_state, "shards": shards}
+        body = {"status": "ready" if ready else "not ready"}
+        if detailed:
+            body.update(store=store_state, shards=shards)
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @api.get(
@@ -487,7 +501,16 @@ class Ingress:
 
 
 def token_digest(settings: Settings) -> str:
-    return hashlib.sha256(settings.api_token.encode()).hexdigest() if settings.api_token else ""
+    """SHA-256 of the API token, "" when none is set. Surrounding whitespace is not part
+    of it: a token read from a mounted secret usually ends in a newline."""
+    if not settings.api_token:
+        return ""
+    token = settings.api_token.strip()
+    if not token:
+        raise ConfigError(
+            "PERSONA_API_TOKEN holds only whitespace: set a token, or unset it to turn auth off"
+        )
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def build_app(args: dict | None = None, *, replicas: int | None = None):

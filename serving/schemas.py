@@ -93,6 +93,6 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: str
-    store: str
-    shards: dict[str, str]
+    status: str = Field(description='"ready" or "not ready"')
+    store: str | None = Field(None, description="store state; only for a valid token")
+    shards: dict[str, str] | None = Field(None, description="shard states; only for a valid token")

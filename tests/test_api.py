@@ -13,6 +13,9 @@ import msgpack
 import pytest
 import ray
 
+from persona.errors import ConfigError
+from persona.settings import load_settings
+from serving.app import token_digest
 from tests.conftest import API_TOKEN
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -29,9 +32,34 @@ def post(api, events, **headers):
 
 def test_health_and_readiness(api):
     assert api.get("/healthz").json() == {"status": "ok"}
-    ready = api.get("/readyz")
+    ready = api.get("/readyz", headers=AUTH)
     assert ready.status_code == 200 and ready.json()["store"] == "ok"
     assert set(ready.json()["shards"].values()) == {"ok"}
+
+
+def test_anonymous_readiness_says_only_ready_or_not(api):
+    # The details name the store's hosts and the shards: only for a token that may read.
+    anonymous = api.get("/readyz")
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "ready"}
+    wrong = api.get("/readyz", headers={"Authorization": "Bearer not-the-token"})
+    assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "forbidden"
+
+
+def test_a_token_with_a_trailing_newline_is_the_same_token():
+    # A mounted secret usually ends in a newline; clients send the token without it.
+    clean = token_digest(load_settings(api_token=API_TOKEN))
+    assert token_digest(load_settings(api_token=f"{API_TOKEN}\n")) == clean
+    assert token_digest(load_settings(api_token=f"  {API_TOKEN}\r\n")) == clean
+
+
+def test_a_blank_token_is_refused_rather_than_taken_for_no_token():
+    with pytest.raises(ConfigError, match="PERSONA_API_TOKEN"):
+        token_digest(load_settings(api_token=" \n"))
+
+
+def test_the_presented_token_is_compared_without_surrounding_whitespace(api):
+    padded = {"Authorization": f"Bearer   {API_TOKEN}"}
+    assert post(api, [event(user="padded")], **padded).status_code == 200
 
 
 def test_posted_events_show_in_the_next_read(api):
