@@ -133,10 +133,11 @@ class DedupIndex:
         return [line in entry for line in lines]
 
     def record(self, key: str, partition: int, lines: Iterable[int]) -> None:
+        """Add applied lines to an entry read before (``install``): an entry made of
+        these lines alone would, once written, overwrite the source's history."""
         entry = self.entries.get(key)
         if entry is None:
-            entry = self.entries[key] = LineSet()
-            self.partition_of[key] = partition
+            raise KeyError(f"dedup entry {key!r} must be read from the store before it grows")
         entry.add(lines)
         self.entries.move_to_end(key)
         self.dirty.add(key)

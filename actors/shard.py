@@ -224,8 +224,9 @@ class ProfileShard:
         self._ensure_ticker()
         state = self.state
         partition = {u: state.partition(u) for u in user_ids}
-        if any(p not in state.owned for p in partition.values()):
-            # The store may have given us partitions a mover did not tell us about.
+        if any(p not in state.owned and p not in state.releasing for p in partition.values()):
+            # The store may have given us partitions a mover did not tell us about
+            # (partitions being handed over are answered as moved without waiting).
             async with self._write_lock:
                 state.sync_ownership(await asyncio.to_thread(state.store.get_assignments))
         missing = state.missing_users(u for u in user_ids if partition[u] in state.owned)

@@ -197,13 +197,25 @@ class ShardState:
     def recover(self) -> int:
         """Load the checkpoint and replay the journal after it; return rows replayed."""
         self.refresh_ownership()
-        checkpoint = self.store.get_checkpoint(self.name)
-        if checkpoint is not None:
-            self.checkpoint_seq = self.last_seq = checkpoint.seq
-            if checkpoint.meta:
-                meta = codec.decode(checkpoint.meta, what=f"checkpoint of {self.name}")
-                self.restore_signals(meta)
         return self.catch_up()
+
+    def reload_from(self, checkpoint: Checkpoint) -> None:
+        """Start again from a checkpoint: nothing in memory is trusted any more."""
+        if self.last_seq:  # not a start, where reading the checkpoint is the plan
+            log.warning(
+                "%s is at position %d behind its checkpoint %d: reloading",
+                self.name,
+                self.last_seq,
+                checkpoint.seq,
+            )
+        for user in list(self.table):
+            self._remove(user)
+        self.removals_forgotten = self.removals  # loads in flight read again
+        self.dedup = DedupIndex(self.settings.dedup_memory_entries)
+        self.refresh_ownership()
+        self.checkpoint_seq = self.last_seq = checkpoint.seq
+        if checkpoint.meta:
+            self.restore_signals(codec.decode(checkpoint.meta, what=f"checkpoint of {self.name}"))
 
     def catch_up(self) -> int:
         """Apply journal rows after last_seq (after a restart, or rows another
@@ -214,7 +226,14 @@ class ShardState:
         acknowledged, and the new owner holds the truth. Users and dedup entries the
         rows touch are loaded in bulk first (a round trip per row is most of what
         recovery would otherwise cost). A row that cannot be decoded or applied is
-        quarantined (kept in the store, reported) and skipped."""
+        quarantined (kept in the store, reported) and skipped.
+
+        A checkpoint past our position means another incarnation went on without us
+        (and took in every row we wrote): our memory is stale, so it is dropped and
+        the state reloaded from that checkpoint first."""
+        checkpoint = self.store.get_checkpoint(self.name)
+        if checkpoint is not None and checkpoint.seq > self.last_seq:
+            self.reload_from(checkpoint)
         rows = []
         for seq, blob in self.store.read_journal(self.name, self.last_seq):
             try:
@@ -388,8 +407,8 @@ class ShardState:
 
     def install_dedup(self, fetched: tuple[list[str], dict[str, LineSet]], partitions) -> None:
         asked, found = fetched
-        owned = self.owned
-        asked = [k for k in asked if partitions[k] in owned]
+        owned, releasing = self.owned, self.releasing
+        asked = [k for k in asked if partitions[k] in owned or partitions[k] in releasing]
         self.dedup.install(found, asked, partitions)
 
     async def load_dedup(self, keys: Mapping[str, int]) -> None:
@@ -467,6 +486,12 @@ class ShardState:
         for event, line in zip(events, lines, strict=True):
             partition = self.partition(event[0])
             by_key.setdefault(dedup_key(partition, source), (partition, []))[1].append(line)
+        # An entry is only ever extended after it was read from the store: one built
+        # from these lines alone would overwrite the source's history when written.
+        unknown = self.dedup.unknown(by_key)
+        if unknown:
+            fetched = self.fetch_dedup(unknown)
+            self.dedup.install(fetched[1], unknown, {k: by_key[k][0] for k in unknown})
         for key, (partition, key_lines) in by_key.items():
             self.dedup.record(key, partition, key_lines)
 

@@ -76,8 +76,10 @@ class Store(ABC):
         """Write ``blob`` at (journal_id, seq).
 
         Raises JournalConflict if that position is taken (a stale incarnation or a
-        seal got there first) and StaleEpoch if ``fence`` names a partition that
-        ``journal_id`` no longer owns at the given epoch."""
+        seal got there first) or was ever trimmed (a position at or below the
+        journal's checkpoint is never free again: a writer lagging behind it would
+        write where no reader looks), and StaleEpoch if ``fence`` names a partition
+        that ``journal_id`` no longer owns at the given epoch."""
 
     @abstractmethod
     def read_journal(
@@ -88,7 +90,8 @@ class Store(ABC):
 
     @abstractmethod
     def trim_journal(self, journal_id: str, up_to_seq: int) -> None:
-        """Delete rows with seq <= up_to_seq."""
+        """Rows with seq <= up_to_seq are no longer read (and are deleted, possibly a
+        whole bucket at a time), and their positions stay taken."""
 
     # --- checkpoints ---
     @abstractmethod

@@ -160,6 +160,9 @@ class CassandraStore(Store):
         self._session.set_keyspace(ks)
         for ddl in cql.TABLES:
             self._session.execute(ddl)
+        journal = self._cluster.metadata.keyspaces[ks].tables.get("journal")
+        if journal is not None and "trimmed" not in journal.columns:
+            self._session.execute(cql.ADD_TRIMMED_MARKER)
 
     def _concurrent(self, text: str, params: list[tuple], what: str) -> list:
         if not params:
@@ -338,10 +341,12 @@ class CassandraStore(Store):
                 raise StaleEpoch(f"{journal_id} may not write: " + "; ".join(problems))
         with self._errors(f"append to journal {journal_id}"):
             result = self._session.execute(
-                self._stmt(cql.APPEND_JOURNAL), (journal_id, self._bucket(seq), seq, blob)
+                self._stmt(cql.APPEND_JOURNAL), (blob, journal_id, self._bucket(seq), seq)
             )
         if not result.was_applied:
-            raise JournalConflict(f"journal {journal_id} position {seq} is already written")
+            raise JournalConflict(
+                f"journal {journal_id} position {seq} is already written or trimmed"
+            )
 
     def _trimmed_to(self, journal_id: str) -> int:
         with self._errors(f"read journal {journal_id}"):
@@ -364,6 +369,7 @@ class CassandraStore(Store):
                         self._stmt(cql.READ_JOURNAL_BUCKET), (journal_id, bucket, cursor, take)
                     )
                 )
+            rows = [row for row in rows if row.seq is not None]  # not a bucket's marker
             for row in rows:
                 yield row.seq, row.blob
             if not rows:
@@ -378,21 +384,34 @@ class CassandraStore(Store):
                 return
 
     def trim_journal(self, journal_id: str, up_to_seq: int) -> None:
+        """Drop the buckets whose every position is at or below ``up_to_seq``, each
+        marked trimmed in the same partition-local batch (so no append can reuse a
+        position in it); rows of the bucket still being written stay until it is
+        whole: they hold their positions against a writer that lags behind."""
         trimmed_to = self._trimmed_to(journal_id)
+        if up_to_seq <= trimmed_to:
+            return
+        rows_per_bucket = self.options.journal_bucket_rows
+        # From the bucket the last trim stopped in (it may have been left whole).
+        first = self._bucket(max(trimmed_to, 0))
+        last_whole = (up_to_seq + 1) // rows_per_bucket - 1
+        mark, drop = self._stmt(cql.MARK_BUCKET_TRIMMED), self._stmt(cql.DELETE_BUCKET_ROWS)
+        batches = []
+        for bucket in range(first, last_whole + 1):
+            batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+            batch.add(mark, (journal_id, bucket))
+            batch.add(drop, (journal_id, bucket, bucket * rows_per_bucket))
+            batches.append((batch, None))
         with self._errors(f"trim journal {journal_id}"):
-            if up_to_seq <= trimmed_to:
-                return
-            rows_per_bucket = self.options.journal_bucket_rows
-            first, last = self._bucket(trimmed_to + 1), self._bucket(up_to_seq)
-            whole = [(journal_id, b) for b in range(first, last)]
-            if up_to_seq == (last + 1) * rows_per_bucket - 1:
-                whole.append((journal_id, last))
-            else:
-                self._session.execute(
-                    self._stmt(cql.DELETE_JOURNAL_UP_TO), (journal_id, last, up_to_seq)
+            if batches:
+                execute_concurrent(
+                    self._session,
+                    batches,
+                    concurrency=self.options.write_concurrency,
+                    raise_on_first_error=True,
+                    results_generator=False,
                 )
-            # Whole buckets go as partition deletes: one tombstone each, not one per row.
-            self._concurrent(cql.DELETE_JOURNAL_BUCKET, whole, f"trim journal {journal_id}")
+            # Readers start after this position (rows kept in a partial bucket included).
             self._session.execute(self._stmt(cql.SET_TRIMMED_TO), (up_to_seq, journal_id))
 
     # --- checkpoints ---

@@ -15,8 +15,10 @@ WITH replication = {replication} AND durable_writes = true
 TABLES = [
     "CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text)",
     "CREATE TABLE IF NOT EXISTS profiles (user_id text PRIMARY KEY, blob blob)",
+    # `trimmed` (static: one per bucket) marks a bucket whose rows a checkpoint has
+    # made obsolete: appends into it are refused, so no writer can use a freed position.
     """CREATE TABLE IF NOT EXISTS journal (
-        journal_id text, bucket bigint, seq bigint, blob blob,
+        journal_id text, bucket bigint, seq bigint, blob blob, trimmed boolean static,
         PRIMARY KEY ((journal_id, bucket), seq)
     ) WITH CLUSTERING ORDER BY (seq ASC)""",
     """CREATE TABLE IF NOT EXISTS checkpoints (
@@ -49,14 +51,18 @@ PUT_PROFILE = "INSERT INTO profiles (user_id, blob) VALUES (?, ?)"
 DELETE_PROFILE = "DELETE FROM profiles WHERE user_id = ?"
 SCAN_PROFILES = "SELECT user_id, blob FROM profiles"
 
+# A position is free if no row holds it and its bucket was never trimmed.
 APPEND_JOURNAL = (
-    "INSERT INTO journal (journal_id, bucket, seq, blob) VALUES (?, ?, ?, ?) IF NOT EXISTS"
+    "UPDATE journal SET blob = ? WHERE journal_id = ? AND bucket = ? AND seq = ? "
+    "IF blob = null AND trimmed = null"
 )
 READ_JOURNAL_BUCKET = (
     "SELECT seq, blob FROM journal WHERE journal_id = ? AND bucket = ? AND seq > ? LIMIT ?"
 )
-DELETE_JOURNAL_BUCKET = "DELETE FROM journal WHERE journal_id = ? AND bucket = ?"
-DELETE_JOURNAL_UP_TO = "DELETE FROM journal WHERE journal_id = ? AND bucket = ? AND seq <= ?"
+MARK_BUCKET_TRIMMED = "UPDATE journal SET trimmed = true WHERE journal_id = ? AND bucket = ?"
+DELETE_BUCKET_ROWS = "DELETE FROM journal WHERE journal_id = ? AND bucket = ? AND seq >= ?"
+# Keyspaces made before the trimmed marker existed get the column.
+ADD_TRIMMED_MARKER = "ALTER TABLE journal ADD trimmed boolean static"
 
 GET_CHECKPOINT = "SELECT seq, meta, trimmed_to FROM checkpoints WHERE journal_id = ?"
 PUT_CHECKPOINT = "UPDATE checkpoints SET seq = ?, meta = ? WHERE journal_id = ?"

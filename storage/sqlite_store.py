@@ -175,6 +175,16 @@ class SqliteStore(Store):
         self, journal_id: str, seq: int, blob: bytes, fence: Mapping[int, int] | None = None
     ) -> None:
         def op(db):
+            checkpoint = db.execute(
+                "SELECT seq FROM checkpoints WHERE journal_id=?", (journal_id,)
+            ).fetchone()
+            if checkpoint is not None and seq <= checkpoint[0]:
+                # Trimmed positions are not free: a writer that lags behind the
+                # checkpoint would write where no reader ever looks.
+                raise JournalConflict(
+                    f"journal {journal_id} position {seq} is at or below its checkpoint "
+                    f"{checkpoint[0]}"
+                )
             if fence:
                 current = self._assignments(db, list(fence))
                 problems = fence_violations(journal_id, fence, current)

@@ -473,3 +473,49 @@ def test_idempotency_keys_are_scoped_to_the_client_credential():
     assert client_scope("Bearer token-a") == client_scope("Bearer token-a\n")
     assert client_scope(None) == "anonymous"
     assert "token-a" not in client_scope("Bearer token-a")
+
+
+def test_lines_caught_up_during_a_hand_over_keep_the_source_history(settings):
+    user = user_in(0)
+
+    async def scenario():
+        node = shard(settings, "A")
+        first = [event(user, f"i{n}", NOW - 100 + n) for n in range(10)]
+        await node.apply_batch("file-f", first, False, list(range(10)))
+        await node.checkpoint()
+        # The entry leaves memory (LRU), and another incarnation of A journals lines
+        # 10-19 of the same file at A's next position.
+        node.state.dedup.entries.clear()
+        node.state.dedup.partition_of.clear()
+        other_incarnation = shard(settings, "A")
+        second = [event(user, f"i{n}", NOW - 50 + n) for n in range(10, 20)]
+        await other_incarnation.apply_batch("file-f", second, False, list(range(10, 20)))
+        # A hands the partition over: its seal catches up with that row first.
+        await node.release_partitions([0], "B")
+        new = shard(settings, "B")
+        rerun = await new.apply_batch("file-f", first + second, False, list(range(20)))
+        return rerun, await held_events(new, user)
+
+    rerun, held = asyncio.run(scenario())
+    assert (rerun["applied"], rerun["duplicate"]) == (0, 20)
+    assert held == 20
+
+
+def test_an_incarnation_behind_the_checkpoint_cannot_append_into_the_trimmed_journal(settings):
+    """A second incarnation whose position lags behind the checkpoint (a process Ray
+    replaced, still answering a stale handle) must not write at a journal position
+    that was trimmed: no reader would ever replay it, and its ack would be a loss."""
+    user = user_in(0)
+
+    async def scenario():
+        lagging, current = shard(settings, "A"), shard(settings, "A")
+        for n in range(3):
+            await current.apply_batch(f"b{n}", [event(user, f"i{n}", NOW - 10 + n)])
+        await current.checkpoint()  # position 3 checkpointed, rows 1-3 trimmed
+        late = await lagging.apply_batch("late", [event(user, "late", NOW)])
+        restarted = shard(settings, "A")
+        return late, await held_events(restarted, user)
+
+    late, held = asyncio.run(scenario())
+    assert late["applied"] == 1
+    assert held == 4  # the late batch was acknowledged, so it must be there

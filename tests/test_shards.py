@@ -134,11 +134,16 @@ def test_a_refused_journal_write_is_neither_acknowledged_nor_applied(fleet):
     epoch = store.get_assignments()[partition].epoch
     store.claim_partitions("someone-else", {partition: epoch})
     event = {"user_id": user, "item_id": "b", "action": "save", "ts": NOW}
+    applied_before = ray.get(fleet.shards[owner].stats.remote())["applied"]
     with pytest.raises(StaleEpoch):
         ray.get(fleet.shards[owner].apply_batch.remote("fenced", [event]))
-    record = ray.get(fleet.shards[owner].get_profiles.remote([user]))["profiles"][user]
-    assert record["c"] == {"view": 1}
-    store.claim_partitions(owner, {partition: epoch + 1})
+    # Nothing of it reached the journal or memory, and the shard stopped believing
+    # it owns the partition.
+    journaled = [codec.decode(blob) for _, blob in store.read_journal(owner, 0)]
+    assert not any(row.get("source") == "fenced" for row in journaled)
+    after = ray.get(fleet.shards[owner].stats.remote())
+    assert after["applied"] == applied_before
+    assert ray.get(fleet.shards[owner].get_profiles.remote([user]))["moved"] == [user]
     store.close()
 
 

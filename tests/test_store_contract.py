@@ -95,9 +95,9 @@ def test_checkpoint_round_trip(store):
 
 
 def test_checkpoint_survives_trim(store):
-    store.put_checkpoint("j", Checkpoint(seq=5, meta=b"m"))
     for seq in range(1, 6):
         store.append_journal("j", seq, b"x")
+    store.put_checkpoint("j", Checkpoint(seq=5, meta=b"m"))
     store.trim_journal("j", 5)
     assert store.get_checkpoint("j") == Checkpoint(seq=5, meta=b"m")
 
@@ -221,7 +221,7 @@ def test_an_unreachable_store_is_store_unavailable_naming_it(tmp_path):
     blocked.write_text("")
     with pytest.raises(StoreUnavailable, match="file-not-dir"):
         open_store(f"sqlite:///{blocked}/persona.db")
-    with pytest.raises(StoreUnavailable, match="127.0.0.1:1"):
+    with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1:1"):
         open_store("cassandra://127.0.0.1:1/nowhere?timeout=2")
 
 
@@ -264,3 +264,18 @@ def test_item_signal_chunks_are_read_back_in_order(store):
     assert store.get_signals("shard-a", 1, 2) == [b"zero", b"one"]
     with pytest.raises(CorruptRecord, match="chunk 3 of 4"):
         store.get_signals("shard-a", 1, 4)
+
+
+def test_a_position_at_or_below_the_checkpoint_is_never_free_again(store):
+    """Trimmed positions stay taken: a writer lagging behind the checkpoint must not
+    write where no reader will ever look."""
+    for seq in range(1, 21):
+        store.append_journal("lagging", seq, f"row-{seq}".encode())
+    store.put_checkpoint("lagging", Checkpoint(seq=18, meta=b""))
+    store.trim_journal("lagging", 18)
+    for seq in (1, 9, 16, 17, 18):
+        with pytest.raises(JournalConflict):
+            store.append_journal("lagging", seq, b"late")
+    assert [s for s, _ in store.read_journal("lagging", 18)] == [19, 20]
+    store.append_journal("lagging", 21, b"next")
+    assert [s for s, _ in store.read_journal("lagging", 0)] == [19, 20, 21]
