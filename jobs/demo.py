@@ -69,9 +69,7 @@ def run(
 
     say("4. Starting the HTTP API (Ray Serve)")
     serve.start(http_options={"host": "127.0.0.1", "port": settings.http_port})
-    serve.run(
-        build_app({"store_url": settings.resolved_store_url()}), name="persona", route_prefix="/"
-    )
+    serve.run(build_app(settings), name="persona", route_prefix="/")
     base = f"http://127.0.0.1:{settings.http_port}"
     counts = Counter()
     with (data / "events.jsonl").open() as f:

@@ -70,7 +70,7 @@ def up(settings: Settings, *, haproxy: bool = True) -> dict:
     session_dir = ray._private.worker._global_node.get_session_dir_path()
     fleet = Fleet.start(settings)
     serve.start(http_options={"host": "127.0.0.1", "port": settings.http_port})
-    serve.run(build_app(), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
     state = {
         "ray_started": started_ray,
         # Every process of the head we started carries this path on its command line.

@@ -182,9 +182,12 @@ class Ingress:
         # Only a digest of the token reaches the replicas: it never sits in their
         # config, their environment or their logs.
         self.token_sha256 = token_sha256
+        # One store session per replica, shared by the routes, the fleet and the
+        # recommender. The replica joins the fleet the app's builder started: scaling
+        # the ingress never creates shards or claims partitions.
         self.store = open_store(settings=self.settings)
-        self.fleet = Fleet.start(self.settings, self.store)
-        self.recommender = RecommenderCore(self.settings, self.fleet)
+        self.fleet = Fleet.connect(self.settings, self.store)
+        self.recommender = RecommenderCore(self.settings, self.fleet, self.store)
         self.recommender.load_catalog()
         self._refresher: asyncio.Task | None = None
         self.metrics = EventMetrics()
@@ -513,13 +516,17 @@ def token_digest(settings: Settings) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def build_app(args: dict | None = None, *, replicas: int | None = None):
+def build_app(args: Settings | dict | None = None, *, replicas: int | None = None):
     """Serve application builder: `serve run serving.app:build_app` or serve.yaml's import_path.
 
-    ``args`` may override settings (e.g. {"store_url": ...}); the rest come from
-    PERSONA_* variables where the application is built. ``replicas`` fixes the
-    ingress replica count (benchmarks); deployments otherwise take serve.yaml's."""
-    settings = load_settings(**(args or {}))
+    ``args`` is the settings object of the process that starts the app (`persona up`
+    passes its own), or a dict of overrides of the PERSONA_* variables where the
+    application is built (Serve's config files). The builder, not the replicas,
+    makes sure the fleet exists (idempotent); every replica gets these settings.
+    ``replicas`` fixes the ingress replica count (benchmarks); deployments otherwise
+    take serve.yaml's."""
+    settings = args if isinstance(args, Settings) else load_settings(**(args or {}))
+    Fleet.start(settings).store.close()
     public = dataclasses.asdict(dataclasses.replace(settings, api_token=""))
     ingress = Ingress if replicas is None else Ingress.options(num_replicas=replicas)
     return ingress.bind(public, token_digest(settings))

@@ -20,7 +20,7 @@ from actors.fleet import Fleet
 from actors.item_stats import merge_snapshots
 from persona.settings import Settings
 from serving.ranking import Catalog, Signals, assign_variant, recommend
-from storage import open_store
+from storage import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 class RecommenderCore:
     """Everything but the Serve wrapper: usable from jobs (evaluate) and tests."""
 
-    def __init__(self, settings: Settings, fleet: Fleet | None = None):
+    def __init__(self, settings: Settings, fleet: Fleet | None = None, store: Store | None = None):
         self.settings = settings
-        self.store = open_store(settings=settings)
+        self.store = store or open_store(settings=settings)
         self.fleet = fleet
         self.catalog = Catalog()
         self.signals = Signals()

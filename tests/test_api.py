@@ -505,3 +505,21 @@ def test_every_response_is_counted_by_endpoint_status_and_variant(api):
             break
         time.sleep(1)
     assert not missing, (missing, after)
+
+
+def test_an_ingress_replica_joins_a_fleet_and_never_starts_one(tmp_path):
+    """Replicas come and go with load: starting the fleet is the app builder's job, so a
+    replica over a store with no fleet refuses to start instead of creating shards."""
+    import dataclasses
+
+    from persona.errors import ConfigError
+    from persona.settings import load_settings
+    from serving.app import Ingress
+    from storage import open_store
+
+    settings = load_settings(store_url=f"sqlite:///{tmp_path}/persona.db", partitions=4)
+    replica_class = Ingress.func_or_class.__mro__[1]  # our class under Serve's ASGI wrapper
+    with pytest.raises(ConfigError, match="start the fleet first"):
+        replica_class(dataclasses.asdict(settings), "")
+    with open_store(settings=settings) as store:
+        assert store.get_assignments() == {}
