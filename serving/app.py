@@ -161,9 +161,11 @@ def client_scope(authorization: str | None) -> str:
     """Whose Idempotency-Keys these are: a digest of the bearer credential (or
     "anonymous"), so two clients that both send `req-1` never swallow each other's
     batch, and a key names no secret in the journal."""
-    if not authorization:
+    _scheme, _, credential = (authorization or "").strip().partition(" ")
+    credential = credential.strip()
+    if not credential:
         return "anonymous"
-    return "client-" + hashlib.sha256(authorization.strip().encode()).hexdigest()[:16]
+    return "client-" + hashlib.sha256(credential.encode()).hexdigest()[:16]
 
 
 def _valid_id(value: str, name: str, *, in_url_path: bool = True) -> str:

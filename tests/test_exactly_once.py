@@ -471,6 +471,7 @@ def test_idempotency_keys_are_scoped_to_the_client_credential():
 
     assert client_scope("Bearer token-a") != client_scope("Bearer token-b")
     assert client_scope("Bearer token-a") == client_scope("Bearer token-a\n")
+    assert client_scope("Bearer token-a") == client_scope("Bearer  token-a")
     assert client_scope(None) == "anonymous"
     assert "token-a" not in client_scope("Bearer token-a")
 
