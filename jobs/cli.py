@@ -153,9 +153,16 @@ def _recs(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from bench.run_all import main
+    """Benchmarks live in the checkout, not in the package: run them from there."""
+    import subprocess
 
-    return main(["--quick"] if args.quick else [])
+    from persona.settings import PROJECT_ROOT
+
+    if not (PROJECT_ROOT / "bench" / "run_all.py").exists():
+        print("persona: the benchmarks run from a checkout of Persona (bench/)", file=sys.stderr)
+        return 2
+    command = [sys.executable, "-m", "bench.run_all", *(["--quick"] if args.quick else [])]
+    return subprocess.call(command, cwd=PROJECT_ROOT)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -62,7 +62,6 @@ class Settings:
             "hide": -8.0,
         }
     )
-    embedding_dim: int = 32
 
     # --- events ---
     max_batch_events: int = 10_000
@@ -159,7 +158,6 @@ MODEL_FIELDS = (
     "top_k_topics",
     "recent_actions",
     "hidden_items",
-    "embedding_dim",
     "trending_half_life_days",
     "co_engagement_half_life_days",
     "co_engagement_neighbours",
