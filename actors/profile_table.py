@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from actors.item_stats import CONTEXT
 from actors.profile import (
     HIDE,
     REBASE_EXPONENT,
@@ -39,7 +40,6 @@ from storage import codec
 
 # The exponent floor every reference computation uses (exp(-745) is the smallest double).
 EXP_FLOOR = -745.0
-CONTEXT = 3  # recent engagements a new one is paired with (co-engagement)
 # The per-row arrays (a row's whole state apart from its rare hidden items and embedding).
 ARRAYS = (
     "counts", "first_seen", "last_seen", "t0", "events", "version", "position", "journal",
@@ -127,7 +127,7 @@ class ProfileTable:
             ("recent_ts", (r,), np.float64),
             ("recent_item", (r,), np.int32),
             ("recent_code", (r,), np.int8),
-            # The last CONTEXT entries by time, oldest first: what new engagements pair with.
+            # The last CONTEXT engagements by time, oldest first: what new ones pair with.
             ("context_ts", (CONTEXT,), np.float64),
             ("context_item", (CONTEXT,), np.int32),
         ):
@@ -391,17 +391,18 @@ class ProfileTable:
             at, slot = _slots(rows, n_recent)
             ts = np.frombuffer(b"".join(r["rt"] for r in fast), dtype=np.float64)
             items = self.items.encode([i for r in fast for i in r["ri"]])
+            codes = np.frombuffer(b"".join(r["ra"] for r in fast), dtype=np.uint8)
             self.recent_ts[at, slot] = ts
             self.recent_item[at, slot] = items
-            self.recent_code[at, slot] = np.frombuffer(
-                b"".join(r["ra"] for r in fast), dtype=np.uint8
-            )
-            # Stored recent actions are in time order: the last CONTEXT are the context
-            # (entry at slot s of n goes to context slot CONTEXT - n + s).
-            n_of = np.repeat(n_recent, n_recent)
-            tail = slot >= n_of - CONTEXT
-            self.context_ts[at[tail], CONTEXT - n_of[tail] + slot[tail]] = ts[tail]
-            self.context_item[at[tail], CONTEXT - n_of[tail] + slot[tail]] = items[tail]
+            self.recent_code[at, slot] = codes
+            # Stored recent actions are in time order: the row's last CONTEXT engagements
+            # are its context (the one with e engagements after it goes to slot -1 - e).
+            engaged = self._weights[codes] > 0
+            running = np.cumsum(engaged)
+            after = np.repeat(running[np.cumsum(n_recent) - 1], n_recent) - running
+            tail = engaged & (after < CONTEXT)
+            self.context_ts[at[tail], CONTEXT - 1 - after[tail]] = ts[tail]
+            self.context_item[at[tail], CONTEXT - 1 - after[tail]] = items[tail]
         self.n_recent[rows] = n_recent
         for row, record in zip(rows.tolist(), fast, strict=True):
             if record.get("h"):
@@ -463,9 +464,10 @@ class ProfileTable:
             self.recent_ts[row, :n] = ts
             self.recent_item[row, :n] = item_ids
             self.recent_code[row, :n] = codes
-            tail = min(n, CONTEXT)
-            self.context_ts[row, CONTEXT - tail :] = ts[n - tail :]
-            self.context_item[row, CONTEXT - tail :] = item_ids[n - tail :]
+            engaged = [i for i, code in enumerate(codes) if self._weights[code] > 0][-CONTEXT:]
+            if engaged:
+                self.context_ts[row, CONTEXT - len(engaged) :] = [ts[i] for i in engaged]
+                self.context_item[row, CONTEXT - len(engaged) :] = item_ids[engaged]
         if profile.hidden:
             self.hidden[row] = dict(profile.hidden)
         if profile.embedding is not None:
@@ -632,7 +634,9 @@ class ProfileTable:
             self.recent_ts[target, slot] = ts[event_ids]
             self.recent_item[target, slot] = items[event_ids]
             self.recent_code[target, slot] = codes[event_ids]
-        self._update_context(rows, ts, items, alone)
+        engaged = self._weights[codes] > 0  # a hide is never paired with anything
+        self._update_context(rows[engaged], ts[engaged], items[engaged], alone[engaged])
+        self._forget_context_past_the_bag(rows_done)
         hides = np.flatnonzero(codes == self._hide)
         if len(hides):
             self._hide_items(rows[hides], items[hides], ts[hides])
@@ -671,7 +675,7 @@ class ProfileTable:
         return slow, writes
 
     def _update_context(self, rows, ts, items, single) -> None:
-        """Keep each row's last CONTEXT entries by time (oldest first); ``single``
+        """Keep each row's last CONTEXT engagements by time (oldest first); ``single``
         marks events that are their row's only one in the batch."""
         one = np.flatnonzero(single)
         if len(one):  # most rows get one event per batch: insert it without sorting
@@ -703,6 +707,19 @@ class ProfileTable:
         for k in range(CONTEXT):  # every row has >= CONTEXT entries (the padded context)
             self.context_ts[touched, k] = all_ts[ends - (CONTEXT - 1 - k)]
             self.context_item[touched, k] = all_items[ends - (CONTEXT - 1 - k)]
+
+    def _forget_context_past_the_bag(self, rows: np.ndarray) -> None:
+        """The context is the last engagements *in the recent bag* (what a profile read
+        back from the store has): entries older than a full bag's oldest are dropped.
+        They are the context's first slots, since it is sorted by time."""
+        rows = rows[self.n_recent[rows] >= self.rules.recent_n]
+        if not len(rows):
+            return
+        oldest = self.recent_ts[rows].min(axis=1)
+        gone = self.context_ts[rows] < oldest[:, None]
+        if gone.any():
+            self.context_ts[rows] = np.where(gone, 0.0, self.context_ts[rows])
+            self.context_item[rows] = np.where(gone, 0, self.context_item[rows])
 
     def _observe(self, stats, rows, items, codes, ts, fast) -> None:
         """Item signals for the fast rows' events, each with its row's pre-batch context."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.item_stats import ItemStats, merge_snapshots
+from actors.item_stats import CONTEXT, ItemStats, merge_snapshots
 from persona.settings import load_settings
 from serving.ranking import Catalog, Signals, assign_variant, recommend
 
@@ -49,6 +49,34 @@ def test_pairs_span_batches_through_the_previous_sequence():
     assert "a" in stats.snapshot(T)["graph"]["b"]
 
 
+def test_an_engagement_pairs_with_the_whole_context_not_only_the_last_three():
+    window = SETTINGS.co_engagement_window_s
+    session = [ev(f"x{n}", T + n * window / (2 * CONTEXT)) for n in range(CONTEXT + 1)]
+    roomy = load_settings(co_engagement_neighbours=2 * CONTEXT)
+    stats = ItemStats(roomy, roomy.action_weights)
+    stats.observe([*session, ev("late", T + window / 2 + 1)], [])
+    assert set(stats.graph[f"x{CONTEXT}"]) == {f"x{n}" for n in range(CONTEXT)} | {"late"}
+    assert set(stats.graph["late"]) == {f"x{n}" for n in range(1, CONTEXT + 1)}
+
+
+def test_a_hide_is_never_paired_and_never_breaks_the_chain():
+    stats = stats_with([ev("a", T), ev("bad", T + 1, "hide"), ev("b", T + 2)])
+    assert "bad" not in stats.graph and set(stats.graph["b"]) == {"a"}
+    # Across batches: a hide in the previous sequence is not context either.
+    later = ItemStats(SETTINGS, SETTINGS.action_weights)
+    click, hide = (list(SETTINGS.action_weights).index(a) for a in ("click", "hide"))
+    later.observe([ev("c", T + 5)], [(T, "a", click), (T + 1, "bad", hide)])
+    assert set(later.graph["c"]) == {"a"}
+
+
+def test_snapshots_carry_engagement_counts_with_the_graph_half_life():
+    stats = stats_with([ev("a", T), ev("b", T + 1)], [ev("a", T + 2, "view")])
+    half_life = SETTINGS.co_engagement_half_life_days * 86_400
+    counts = stats.snapshot(T + 2 + half_life)["counts"]
+    assert counts["a"] == pytest.approx(2 / 2, rel=1e-6)  # engagements, not action weights
+    assert counts["b"] == pytest.approx(1 / 2, rel=1e-6)
+
+
 def test_neighbours_stay_bounded():
     stats = stats_with(*[[ev("hub", T + n), ev(f"x{n}", T + n + 1)] for n in range(50)])
     assert len(stats.graph["hub"]) <= 2 * SETTINGS.co_engagement_neighbours
@@ -59,7 +87,24 @@ def test_snapshots_from_shards_add_up():
     one, two = stats_with([ev("a", T)]), stats_with([ev("a", T), ev("b", T + 1)])
     merged = merge_snapshots([one.snapshot(T), two.snapshot(T)])
     assert merged["trending"]["a"] == pytest.approx(2 * SETTINGS.action_weights["click"], rel=1e-6)
+    assert merged["counts"]["a"] == pytest.approx(2.0, rel=1e-6)
     assert "a" in merged["graph"]["b"]
+
+
+def test_a_snapshot_offers_the_most_similar_neighbours_not_the_most_popular():
+    stats = ItemStats(SETTINGS, SETTINGS.action_weights)  # M = 3 neighbours
+    for n in range(40):  # "pop" is engaged with by everyone, next to anything
+        stats.observe([ev("pop", T + n, user=f"u{n}")], [])
+    for n in range(4):  # "film" and "sequel" go together, rarely
+        stats.observe([ev("film", T + 100 + n), ev("sequel", T + 101 + n)], [])
+    for n in range(6):
+        stats.observe([ev(f"other{n % 3}", T + 200 + n), ev("film", T + 201 + n)], [])
+    for n in range(8):
+        stats.observe([ev("pop", T + 300 + n), ev("film", T + 301 + n)], [])
+    raw = stats.graph["film"]
+    assert max(raw, key=raw.get) == "pop"  # the biggest raw co-count
+    offered = stats.snapshot(T)["graph"]["film"]
+    assert "sequel" in offered and "pop" not in offered
 
 
 def test_variants_are_deterministic_and_follow_the_shares():
@@ -90,6 +135,7 @@ def test_signals_are_stored_in_chunks_that_do_not_grow_with_the_catalog():
     stats.t0 = 0.0
     for item in range(30_000):
         stats.trending[f"item-{item}"] = float(item)
+        stats.counts[f"item-{item}"] = float(item) / 3
         stats.graph[f"item-{item}"] = {f"item-{(item + k) % 30_000}": 1.0 / k for k in range(1, 21)}
     chunks = [codec.encode(chunk) for chunk in stats.chunks(max_bytes=256 * 1024)]
     assert len(chunks) > 10
@@ -97,3 +143,11 @@ def test_signals_are_stored_in_chunks_that_do_not_grow_with_the_catalog():
     again = ItemStats(load_settings(), load_settings().action_weights)
     again.restore_chunks(codec.decode(c) for c in chunks)
     assert again.trending == stats.trending and again.graph == stats.graph
+    assert again.counts == stats.counts
+
+
+def test_signals_checkpointed_before_counts_were_kept_still_restore():
+    stats = ItemStats(SETTINGS, SETTINGS.action_weights)
+    stats.restore_chunks([{"t0": T, "entries": [["a", 3.0, {"b": 2.0}], ["b", 1.0, {"a": 2.0}]]}])
+    assert stats.trending == {"a": 3.0, "b": 1.0} and stats.graph["a"] == {"b": 2.0}
+    assert stats.counts["a"] > 0 and "b" in stats.snapshot(T)["graph"]["a"]
