@@ -40,9 +40,7 @@ class RecommenderCore:
     def load_catalog(self) -> int:
         records = (decode_item(i, blob) for i, blob in self.store.scan_items())
         self.catalog = Catalog.from_records(records)
-        self.signals = Signals.build(
-            {"trending": self.signals.trending, "graph": self.signals.graph}, self.catalog
-        )
+        self.signals = Signals.build(self.signals.merged, self.catalog)
         self.catalog_loaded_at = time.monotonic()
         return len(self.catalog)
 
