@@ -17,13 +17,17 @@ from persona.errors import PersonaError
 from persona.settings import load_settings
 
 
-def _settings(args: argparse.Namespace):
+def _settings(args: argparse.Namespace, *, starting: bool = False):
+    """The command's settings: the running stack's (see settings_for_command), except
+    for commands that start one, which take the environment and the flags."""
+    from jobs.common import settings_for_command
+
     overrides = {}
     if getattr(args, "store", None):
         overrides["store_url"] = args.store
     if getattr(args, "port", None):
         overrides["http_port"] = args.port
-    return load_settings(**overrides)
+    return load_settings(**overrides) if starting else settings_for_command(**overrides)
 
 
 def _cassandra(args: argparse.Namespace) -> int:
@@ -48,14 +52,18 @@ def _demo(args: argparse.Namespace) -> int:
     from jobs.demo import run
 
     return run(
-        _settings(args), once=args.once, users=args.users, items=args.items, events=args.events
+        _settings(args, starting=True),
+        once=args.once,
+        users=args.users,
+        items=args.items,
+        events=args.events,
     )
 
 
 def _up(args: argparse.Namespace) -> int:
     from jobs.local import up
 
-    state = up(_settings(args), haproxy=not args.no_haproxy)
+    state = up(_settings(args, starting=True), haproxy=not args.no_haproxy)
     print(
         f"Persona is up: API {state['api']} (docs {state['api']}/docs), "
         f"shards {', '.join(state['shards'])}; dashboard http://127.0.0.1:8265"
@@ -76,7 +84,7 @@ def _status(args: argparse.Namespace) -> int:
 
     report = status(_settings(args))
     print(json.dumps(report, indent=2, default=str))
-    return 0 if report.get("ray") == "running" else 3
+    return 0 if report.get("stack") == "running" else 3
 
 
 def _scale(args: argparse.Namespace) -> int:
@@ -118,9 +126,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from jobs.evaluate import main
+    from jobs.evaluate import run
 
-    return main(args.rest)
+    return run(args)
 
 
 def _ask_api(args: argparse.Namespace, path: str) -> int:
@@ -197,7 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     command("generate", _generate, "generate a synthetic data set", True)
     command("checkpoint", _checkpoint, "checkpoint every shard now")
     command("export", _export, "export profiles to Parquet or JSONL", True)
-    command("evaluate", _evaluate, "offline Recall@K / NDCG@K against a popularity baseline", True)
+    from jobs.evaluate import add_arguments
+
+    add_arguments(
+        command(
+            "evaluate",
+            _evaluate,
+            "offline Recall/NDCG/MRR/coverage next to baselines (--dataset movielens-100k)",
+        )
+    )
     profile = command("profile", _profile, "print a user's profile from the running API")
     profile.add_argument("user")
     profile.add_argument("--port", type=int)
