@@ -71,7 +71,11 @@ class Head:
         else:
             cmd += ["--include-dashboard=false"]
         cmd += list(extra)
-        subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=120)
+        try:
+            subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=120)
+        except BaseException:
+            self.stop()  # whatever `ray start` got running before it failed
+            raise
 
     @property
     def address(self) -> str:
