@@ -230,9 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_with_ray_token(args: argparse.Namespace) -> None:
+    """Ray 2.60 authenticates every driver of the clusters it starts with the token in
+    ~/.ray/auth_token. A command that starts or joins the stack `persona up` records
+    says so before Ray is first imported (Ray reads the mode once, at import)."""
+    import os
+
+    from jobs.local import read_stack
+
+    if args.command in ("up", "down", "status") or read_stack(load_settings()) is not None:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _join_with_ray_token(args)
         return args.run(args)
     except PersonaError as exc:
         print(f"persona: {exc}", file=sys.stderr)

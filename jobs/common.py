@@ -8,16 +8,25 @@ import socket
 import ray
 
 from actors.fleet import Fleet
+from persona.errors import ConfigError
 from persona.settings import Settings, load_settings
 
 
 def join_ray(settings: Settings) -> None:
-    """Join the running cluster (a `ray job submit`, or RAY_ADDRESS / `persona up`), or
-    start a local Ray when there is none, always in Persona's namespace so the
-    detached shards are visible."""
+    """Join the running cluster (a `ray job submit` or RAY_ADDRESS, the stack `persona
+    up` recorded, or a local head), or start a local Ray when there is none, always
+    in Persona's namespace so the detached shards are visible."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from jobs.local import read_stack
+
+    stack = read_stack(settings)
+    if not os.environ.get("RAY_ADDRESS") and stack is not None:
+        from jobs.local import connect
+
+        connect(stack["ray_address"], settings.namespace)
+        return
     address = os.environ.get("RAY_ADDRESS")
     if address or _local_cluster_running():
         ray.init(address=address or "auto", namespace=settings.namespace, logging_level="warning")
@@ -52,8 +61,29 @@ def _local_cluster_running() -> bool:
         return sock.connect_ex((host, int(port))) == 0
 
 
+def settings_for_command(**overrides) -> Settings:
+    """The settings a command acts with: those of the stack `persona up` recorded (so
+    `scale`, `ingest`, `checkpoint` and `export` act on that stack's store), or the
+    PERSONA_* environment when no stack runs. A --store that names another store
+    than the running stack's is refused rather than silently acted on."""
+    from jobs.local import read_stack, session_members, stack_settings
+
+    settings = load_settings(**overrides)
+    stack = read_stack(settings)
+    if stack is None or not session_members(stack["sid"]):
+        return settings
+    running = stack_settings(stack, settings.api_token)
+    asked = overrides.get("store_url")
+    if asked and asked != running.store_url and asked != running.resolved_store_url():
+        raise ConfigError(
+            f"the running stack uses {running.resolved_store_url()}, not {asked}: "
+            "drop --store, or `persona down` and `persona up --store ...`"
+        )
+    return running
+
+
 def fleet_for_job(settings: Settings | None = None) -> Fleet:
     """The running fleet, or a new one (idempotent) when none is up yet."""
-    settings = settings or load_settings()
+    settings = settings or settings_for_command()
     join_ray(settings)
     return Fleet.start(settings)

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import msgpack
 
 from persona.errors import PersonaError
-from persona.settings import Settings, load_settings
+from persona.settings import Settings
 
 FORMATS = {
     ".jsonl": "jsonl",
@@ -332,9 +332,9 @@ def run(
 ) -> Summary:
     import dataclasses
 
-    from jobs.common import fleet_for_job
+    from jobs.common import fleet_for_job, settings_for_command
 
-    settings = settings or load_settings()
+    settings = settings or settings_for_command()
     files = expand(paths)
     fleet = fleet_for_job(settings)
     dead_path = dead_letter or str(Path(settings.data_dir) / "dead-letter.jsonl")

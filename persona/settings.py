@@ -141,6 +141,9 @@ class Settings:
     # The Ray head `persona up` starts: its GCS port and its dashboard (jobs API) port.
     ray_port: int = 6379
     dashboard_port: int = 8265
+    # The Ray head `persona up` starts: its GCS port and its dashboard (jobs API) port.
+    ray_port: int = 6379
+    dashboard_port: int = 8265
 
     def model_fingerprint(self) -> str:
         """A digest of the settings every process that writes profiles must share: the
