@@ -19,7 +19,13 @@ import ray
 from ray.util.metrics import Gauge
 
 from actors.shard_state import Ack, ShardState
-from persona.errors import ConfigError, JournalConflict, PersonaError, StaleEpoch
+from persona.errors import (
+    ConfigError,
+    JournalConflict,
+    PersonaError,
+    StaleEpoch,
+    StoreUnavailable,
+)
 from persona.settings import Settings
 from storage import open_store
 
@@ -41,11 +47,16 @@ class Prefetched:
 class ProfileShard:
     def __init__(self, name: str, settings: dict, partitions: int):
         self.settings = Settings(**settings)
-        self.state = ShardState(name, open_store(settings=self.settings), self.settings, partitions)
-        started = time.monotonic()
-        replayed = self.state.recover()
-        self.recovery_s = time.monotonic() - started
-        log.info("%s recovered: %d journal rows in %.2fs", name, replayed, self.recovery_s)
+        self.name, self.partitions = name, partitions
+        self._state: ShardState | None = None
+        self.recovery_s = 0.0
+        self._recover_lock = asyncio.Lock()
+        try:
+            self._recover()
+        except StoreUnavailable as exc:
+            # Ray never restarts an actor whose constructor raised: a shard restarted
+            # while its store is down waits for the store instead (see _ready).
+            log.warning("%s cannot recover yet (%s); it will on its next call", name, exc)
         self._write_lock = asyncio.Lock()
         self._checkpoint_lock = asyncio.Lock()
         self._ticker: asyncio.Task | None = None
@@ -62,6 +73,34 @@ class ProfileShard:
                 ("quarantined_rows", "journal rows that could not be applied (kept aside)"),
             )
         }
+
+    def _recover(self) -> None:
+        """Open the store, read the checkpoint and replay the journal after it."""
+        started = time.monotonic()
+        store = open_store(settings=self.settings)
+        try:
+            state = ShardState(self.name, store, self.settings, self.partitions)
+            replayed = state.recover()
+        except BaseException:
+            store.close()
+            raise
+        self.recovery_s = time.monotonic() - started
+        log.info("%s recovered: %d journal rows in %.2fs", self.name, replayed, self.recovery_s)
+        self._state = state
+
+    async def _ready(self) -> None:
+        """Recover now if the constructor could not; until the store answers, every
+        call fails with StoreUnavailable (a 503 to HTTP clients)."""
+        if self._state is None:
+            async with self._recover_lock:
+                if self._state is None:
+                    await asyncio.to_thread(self._recover)
+
+    @property
+    def state(self) -> ShardState:
+        if self._state is None:
+            raise StoreUnavailable(f"{self.name} has not recovered yet: its store is unavailable")
+        return self._state
 
     def _report(self) -> None:
         tags = {"shard": self.state.name}
@@ -80,6 +119,8 @@ class ProfileShard:
         """Checkpoint on the interval or when enough profiles are dirty; back off on errors."""
         while True:
             await asyncio.sleep(1.0)
+            if self._state is None:
+                continue  # recovers on the next call that needs the store
             self._report()
             state = self.state
             due = time.monotonic() - state.last_checkpoint_at >= self.settings.checkpoint_interval_s
@@ -108,6 +149,7 @@ class ProfileShard:
         """Journal then apply a batch; lines of ``source`` applied before (within the
         dedup retention) are acknowledged as duplicates."""
         self._ensure_ticker()
+        await self._ready()
         self._pending_writes += 1
         try:
             if fingerprint is not None and fingerprint != self.state.fingerprint:
@@ -205,6 +247,7 @@ class ProfileShard:
         """Privacy delete: journal it, drop it from memory, then from the store with a
         tombstone. Once journaled the delete holds: should the store call fail, no
         load brings the user back and the next checkpoint (or a replay) redoes it."""
+        await self._ready()
         state = self.state
         async with self._write_lock, self._checkpoint_lock:
             stored = await asyncio.to_thread(state.fetch_profiles, [user_id])
@@ -222,6 +265,7 @@ class ProfileShard:
         """``{"profiles": records of the users that exist, "moved": users whose partition
         this shard does not own (the caller re-reads the assignment and asks again)}``."""
         self._ensure_ticker()
+        await self._ready()
         state = self.state
         partition = {u: state.partition(u) for u in user_ids}
         if any(p not in state.owned and p not in state.releasing for p in partition.values()):
@@ -260,6 +304,7 @@ class ProfileShard:
         their epochs in the store to ``target`` (compare-and-set), and forget their
         users. Should any step fail, the shard owns again whatever the store still
         says it owns, as it was. Returns the new epochs."""
+        await self._ready()
         state = self.state
         async with self._write_lock:
             epochs = state.stop_owning(partitions)
@@ -292,16 +337,19 @@ class ProfileShard:
     async def acquire_partitions(self) -> int:
         """Own what the store says this shard owns (idempotent: a mover that died
         before calling this leaves the shard to adopt on its first write)."""
+        await self._ready()
         async with self._write_lock:
             assignments = await asyncio.to_thread(self.state.store.get_assignments)
             return len(self.state.sync_ownership(assignments))
 
     async def item_signals(self, now: float) -> dict:
         """Trending and co-engagement snapshot decayed to ``now`` (for the recommender)."""
+        await self._ready()
         return self.state.item_stats.snapshot(now)
 
     async def stats(self) -> dict:
         """Counters, plus the journal rows kept aside in the store (from any incarnation)."""
+        await self._ready()
         try:
             quarantined = await asyncio.to_thread(self.state.store.get_quarantine, self.state.name)
         except PersonaError as exc:
@@ -315,6 +363,8 @@ class ProfileShard:
         }
 
     async def ping(self) -> str:
+        """Answers once the shard has recovered (readiness)."""
+        await self._ready()
         return self.state.name
 
     def pid(self) -> int:
@@ -329,6 +379,7 @@ class ProfileShard:
     async def checkpoint(self) -> dict:
         """Redo pending store deletes, write dirty profiles and changed dedup entries,
         record the journal position, then trim the journal."""
+        await self._ready()
         state = self.state
         async with self._checkpoint_lock:
             started = time.monotonic()
