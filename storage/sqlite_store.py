@@ -125,15 +125,25 @@ class SqliteStore(Store):
         return self._transaction(op)
 
     # --- profiles ---
-    def _get_many(self, table: str, key: str, ids: Iterable[str]) -> dict[str, bytes]:
+    def _get_many(
+        self,
+        table: str,
+        key: str,
+        ids: Iterable[str],
+        *,
+        value: str = "blob",
+        also: str = "",
+        params: tuple = (),
+    ) -> dict:
+        """``{key: value}`` of the rows whose key is in ``ids`` (and ``also`` holds)."""
         wanted = list(dict.fromkeys(ids))
 
         def op(db):
             found = {}
             for chunk in _chunks(wanted):
                 marks = ",".join("?" * len(chunk))
-                sql = f"SELECT {key}, blob FROM {table} WHERE {key} IN ({marks})"
-                found.update(db.execute(sql, chunk).fetchall())
+                sql = f"SELECT {key}, {value} FROM {table} WHERE {key} IN ({marks}){also}"
+                found.update(db.execute(sql, [*chunk, *params]).fetchall())
             return found
 
         return self._run(op)
@@ -298,22 +308,8 @@ class SqliteStore(Store):
 
     # --- dedup records ---
     def get_dedup(self, keys: Iterable[str]) -> dict[str, bytes]:
-        wanted = list(dict.fromkeys(keys))
-        now = time.time()
-
-        def op(db):
-            found = {}
-            for chunk in _chunks(wanted):
-                marks = ",".join("?" * len(chunk))
-                found.update(
-                    db.execute(
-                        f"SELECT key, blob FROM dedup WHERE key IN ({marks}) AND expires_at > ?",
-                        [*chunk, now],
-                    ).fetchall()
-                )
-            return found
-
-        return self._run(op)
+        expiry = (time.time(),)
+        return self._get_many("dedup", "key", keys, also=" AND expires_at > ?", params=expiry)
 
     def put_dedup(self, records: Mapping[str, bytes], ttl_s: int) -> None:
         now = time.time()
@@ -377,18 +373,4 @@ class SqliteStore(Store):
         )
 
     def get_tombstones(self, user_ids: Iterable[str]) -> dict[str, float]:
-        wanted = list(dict.fromkeys(user_ids))
-
-        def op(db):
-            found = {}
-            for chunk in _chunks(wanted):
-                marks = ",".join("?" * len(chunk))
-                found.update(
-                    db.execute(
-                        f"SELECT user_id, deleted_at FROM tombstones WHERE user_id IN ({marks})",
-                        chunk,
-                    ).fetchall()
-                )
-            return found
-
-        return self._run(op)
+        return self._get_many("tombstones", "user_id", user_ids, value="deleted_at")
