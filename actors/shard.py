@@ -154,9 +154,9 @@ class ProfileShard:
         try:
             if fingerprint is not None and fingerprint != self.state.fingerprint:
                 raise ConfigError(
-                    f"{self.state.name} runs with other profile settings (fingerprint "
-                    f"{self.state.fingerprint}) than the sender ({fingerprint}): start every "
-                    "process of a deployment with the same PERSONA_* settings"
+                    f"{self.state.name} runs with other settings ({self.state.fingerprint}) "
+                    f"than the sender ({fingerprint}): start every process of a deployment "
+                    "with the same store and PERSONA_* profile settings"
                 )
             return await self._apply_batch(source, events, validated, lines)
         finally:

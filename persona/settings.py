@@ -141,19 +141,27 @@ class Settings:
     # The Ray head `persona up` starts: its GCS port and its dashboard (jobs API) port.
     ray_port: int = 6379
     dashboard_port: int = 8265
-    # The Ray head `persona up` starts: its GCS port and its dashboard (jobs API) port.
-    ray_port: int = 6379
-    dashboard_port: int = 8265
 
     def model_fingerprint(self) -> str:
-        """A digest of the settings every process that writes profiles must share: the
-        actions and the update rules. A shard refuses batches prepared under another
-        fingerprint (a job or replica started with a different PERSONA_ACTION_WEIGHTS
-        would otherwise journal events its shards cannot apply)."""
+        """Digests of what every process that writes profiles must share: the actions
+        and update rules, and the store. A shard refuses batches prepared under another
+        fingerprint: a job or replica started with a different PERSONA_ACTION_WEIGHTS
+        would journal events its shards cannot apply, and one pointed at another store
+        would route by assignments the shards never see."""
         import hashlib
 
         shared = {name: getattr(self, name) for name in MODEL_FIELDS}
-        return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
+        model = hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:12]
+        store = hashlib.sha256(self.store_identity().encode()).hexdigest()[:12]
+        return f"rules {model}, store {store}"
+
+    def store_identity(self) -> str:
+        """Which store, without its connection tuning: scheme, hosts and keyspace or path
+        (two processes on one deployment may set timeouts differently, not stores)."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.resolved_store_url())
+        return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
     def resolved_store_url(self) -> str:
         if self.store_url:

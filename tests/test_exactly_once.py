@@ -367,7 +367,7 @@ def test_a_sender_with_other_settings_is_refused_before_the_journal(settings):
         node = shard(settings)
         with pytest.raises(ConfigError, match="other"):
             await node.apply_batch("b1", valid, True)
-        with pytest.raises(ConfigError, match="fingerprint"):
+        with pytest.raises(ConfigError, match="other settings"):
             await node.apply_batch("b2", [event("ann", "x")], False, None, "not-ours")
         ok = await node.apply_batch("b3", [event("ann", "y")])
         return ok["applied"], list(node.state.store.read_journal("A", 0))
@@ -520,3 +520,18 @@ def test_an_incarnation_behind_the_checkpoint_cannot_append_into_the_trimmed_jou
     late, held = asyncio.run(scenario())
     assert late["applied"] == 1
     assert held == 4  # the late batch was acknowledged, so it must be there
+
+
+def test_a_sender_pointed_at_another_store_is_refused_at_once(settings, tmp_path):
+    elsewhere = dataclasses.replace(settings, store_url=f"sqlite:///{tmp_path}/other.db")
+    tuned = dataclasses.replace(settings, store_url=settings.store_url + "?ignored=1")
+
+    async def scenario():
+        node = shard(settings)
+        with pytest.raises(ConfigError, match="same store"):
+            await node.apply_batch(
+                "b", [event("ann", "x")], False, None, elsewhere.model_fingerprint()
+            )
+        return settings.model_fingerprint() == tuned.model_fingerprint()
+
+    assert asyncio.run(scenario()) is True
