@@ -5,6 +5,7 @@ Cassandra tests never skip: if no node answers, they fail and say what to start.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import uuid
@@ -115,6 +116,14 @@ def ray_session():
 
         serve.shutdown()
     finally:
+        # Drop every Ray reference while Ray is still up. serve.shutdown() leaves the
+        # controller's actor handle and an object ref in a reference cycle (through the
+        # RayActorError it catches); only the cyclic collector frees them, on whatever
+        # thread runs it next. If that is another thread (a Cassandra driver thread) while
+        # ray.shutdown() tears the core worker down, the ref's finalizer calls into the
+        # gone core worker and Ray ends the process with exit code 1, before pytest's
+        # summary ("The core worker has already been shutdown").
+        gc.collect()
         ray.shutdown()
 
 
@@ -149,11 +158,33 @@ def fresh_settings(tmp_path, request):
 
 @pytest.fixture
 def fleet(ray_session, fresh_settings):
+    """A started fleet. Its store is the fixture's, closed even when the start fails: an
+    open Cassandra store keeps driver threads running to the end of the session."""
     from actors.fleet import Fleet
+    from storage import open_store
 
-    started = Fleet.start(fresh_settings)
-    yield started
-    started.shutdown()
+    with open_store(settings=fresh_settings) as store:
+        started = Fleet.start(fresh_settings, store)
+        yield started
+        started.shutdown()
+
+
+@pytest.fixture
+def connect_fleet():
+    """Fleet.connect for a test body or its threads; the stores it opens close with the test."""
+    from actors.fleet import Fleet
+    from storage import open_store
+
+    stores = []
+
+    def connect(settings):
+        store = open_store(settings=settings)
+        stores.append(store)
+        return Fleet.connect(settings, store)
+
+    yield connect
+    for store in stores:
+        store.close()
 
 
 # --- Serve -------------------------------------------------------------------------
@@ -191,5 +222,7 @@ def api(ray_session, tmp_path_factory):
     client.close()
     serve.delete("persona")
     from actors.fleet import Fleet
+    from storage import open_store
 
-    Fleet.connect(client.settings).shutdown()
+    with open_store(settings=client.settings) as store:
+        Fleet.connect(client.settings, store).shutdown()

@@ -33,7 +33,7 @@ def test_plan_moves_balances_and_moves_little():
 
 
 @CASSANDRA
-def test_scale_2_to_4_to_1_while_writing_and_reading(fleet):
+def test_scale_2_to_4_to_1_while_writing_and_reading(fleet, connect_fleet):
     settings = fleet.settings
     rng = random.Random(11)
     batches = [make_batch(rng, 100, users=400) for _ in range(150)]
@@ -43,7 +43,7 @@ def test_scale_2_to_4_to_1_while_writing_and_reading(fleet):
     shrunk = threading.Event()
 
     def writer() -> None:
-        own = Fleet.connect(settings)
+        own = connect_fleet(settings)
         for n, batch in enumerate(batches):
             if n == len(batches) - 10:
                 shrunk.wait(120)  # the last batches go after both scales, whatever the speed
@@ -62,7 +62,7 @@ def test_scale_2_to_4_to_1_while_writing_and_reading(fleet):
             time.sleep(0.05)
 
     def reader() -> None:
-        own = Fleet.connect(settings)
+        own = connect_fleet(settings)
         users = [f"user-{u}" for u in range(400)]
         while not stop.is_set():
             try:
@@ -169,7 +169,7 @@ def test_resident_cap_holds_and_every_user_reads_back_correctly(ray_session, fre
         fleet.shutdown()
 
 
-def test_delete_reaches_the_new_owner_after_a_move(fleet):
+def test_delete_reaches_the_new_owner_after_a_move(fleet, connect_fleet):
     names = [f"persona-shard-{i}" for i in range(3)]
     moving = {p for p, _, _ in plan_moves(fleet.owners, names)}
     user = next(
@@ -178,7 +178,7 @@ def test_delete_reaches_the_new_owner_after_a_move(fleet):
         if partition_of(f"deletee-{n}", fleet.partitions) in moving
     )
     fleet.apply("d1", [{"user_id": user, "item_id": "a", "action": "save", "ts": time.time()}])
-    stale = Fleet.connect(fleet.settings)  # its owner map predates the move
+    stale = connect_fleet(fleet.settings)  # its owner map predates the move
     fleet.scale(3)
     # The new owner now holds the user in memory.
     fleet.apply("d2", [{"user_id": user, "item_id": "b", "action": "view", "ts": time.time()}])

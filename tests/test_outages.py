@@ -38,11 +38,10 @@ def post(client, path, batch, key):
 
 
 def test_cassandra_outage_refuses_writes_keeps_resident_reads_and_recovers(
-    ray_session, own_cassandra, tmp_path
+    ray_session, own_cassandra, tmp_path, connect_fleet
 ):
     from ray import serve
 
-    from actors.fleet import Fleet
     from serving.app import build_app
     from tests.test_shards import assert_matches_reference, reference_profiles
 
@@ -88,7 +87,7 @@ def test_cassandra_outage_refuses_writes_keeps_resident_reads_and_recovers(
                 time.sleep(1.0)
             assert reply.status_code == 200
         settings = load_settings(**overrides)
-        fleet = Fleet.connect(settings)
+        fleet = connect_fleet(settings)
         assert_matches_reference(fleet, reference_profiles(settings, batches))
         # Checkpoints resumed by themselves once the node was back (their backoff
         # reaches 30 s between tries, the interval is 2 s: 90 s leaves room for both).
@@ -151,6 +150,7 @@ NODE_FAILURE_DRIVER = textwrap.dedent(
     print(json.dumps({{"placed": sorted(placed), "after": sorted(after), "retries": retries,
                       "victim": victim.node_id}}))
     fleet.shutdown()
+    fleet.store.close()  # no driver threads left to run Python while Ray shuts down
     ray.shutdown()
     cluster.shutdown()
     """
