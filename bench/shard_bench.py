@@ -2,9 +2,13 @@
 
     python -m bench.shard_bench apply      [--events 10000 --users 100000 --batches 50]
     python -m bench.shard_bench ingest     [--events 1000000 --store cassandra]
+    python -m bench.shard_bench dedup      [--events 1000000 --sources file|request --batch 10000]
     python -m bench.shard_bench checkpoint [--profiles 1000000 --store cassandra]
     python -m bench.shard_bench recovery   [--users 100000 --store cassandra]
     python -m bench.shard_bench memory     [--users 1000000]
+
+`dedup` is `ingest` with the shards' dedup work timed inside them (nothing is
+turned off), followed by the same dedup work in isolation on the same batches.
 
 Each prints one JSON line of figures. Cassandra must be running for --store cassandra
 (`persona cassandra start`); each run uses a fresh keyspace and drops it.
@@ -21,13 +25,16 @@ import random
 import resource
 import sys
 import time
+import uuid
 from collections import defaultdict
 
 import numpy as np
 
+from actors.dedup import dedup_key
 from actors.profile import ProfileRules
 from actors.profile_table import ProfileTable
-from actors.shard_state import CHECKPOINT_CHUNK, ShardState
+from actors.shard_state import CHECKPOINT_CHUNK, CheckedBatch, ShardState
+from bench.checkpoint_bench import code_version
 from bench.common import (
     T0,
     as_dicts,
@@ -127,9 +134,10 @@ def _unpickled(batch: list[tuple]) -> list[tuple]:
 # --- end-to-end ingest ---------------------------------------------------------------
 
 
-def process_cpu(groups: dict[str, list[int]]) -> dict[str, float]:
+def process_cpu(groups: dict[str, list[int]], jvm: list[int] | None = None) -> dict[str, float]:
     """CPU seconds used so far by each named group of processes, and by the local
-    Cassandra node (a JVM) if one runs here; from /proc."""
+    Cassandra node (a JVM) if one runs here: ``jvm`` if given (the node serving the
+    benchmark's store), else every CassandraDaemon; from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
 
     def seconds(pids) -> float:
@@ -143,6 +151,8 @@ def process_cpu(groups: dict[str, list[int]]) -> dict[str, float]:
                 pass
         return total / tick
 
+    if jvm is not None:
+        return {**{name: seconds(pids) for name, pids in groups.items()}, "cassandra": seconds(jvm)}
     jvm = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -155,7 +165,38 @@ def process_cpu(groups: dict[str, list[int]]) -> dict[str, float]:
     return {**{name: seconds(pids) for name, pids in groups.items()}, "cassandra": seconds(jvm)}
 
 
-def bench_ingest(args) -> dict:
+def ingest_batches(kind: str, events: list, batch_size: int) -> list[tuple]:
+    """(source, events, lines) per batch, as each kind of client sends them:
+
+    batch    the benchmark's own id per batch, lines = indexes (the recorded runs);
+    file     `persona ingest` of one file: the file's identity, its line numbers;
+    request  the HTTP API: a fresh client-scoped Idempotency-Key per batch, indexes."""
+    batches = []
+    identity = f"events.jsonl:{len(events) * 160}:{uuid.uuid4().hex[:16]}"
+    client = "client-" + uuid.uuid4().hex[:16]
+    for n, at in enumerate(range(0, len(events), batch_size)):
+        part = events[at : at + batch_size]
+        if kind == "file":
+            batches.append((identity, part, list(range(at + 1, at + 1 + len(part)))))
+        elif kind == "request":
+            batches.append((f"{client}:{uuid.uuid4().hex}", part, None))
+        else:
+            batches.append((f"bench-{n}", part, None))
+    return batches
+
+
+def node_pids(settings) -> list[int] | None:
+    """The pid of the local Cassandra node serving the benchmark's store, if it runs here
+    (other nodes on the machine, another benchmark's, are not charged to this one)."""
+    if not settings.store_url.startswith("cassandra"):
+        return []
+    from storage.cassandra_local import LocalNode
+
+    pid = LocalNode.from_settings(settings).running_pid()
+    return [pid] if pid else None
+
+
+def bench_ingest(args, dedup_share: bool = False) -> dict:
     import ray
 
     from actors.fleet import Fleet
@@ -164,34 +205,59 @@ def bench_ingest(args) -> dict:
         args.store, shards=args.shards, checkpoint_dirty_threshold=10**9
     )
     start_local_ray(settings.namespace)
-    fleet = Fleet.start(settings)
+    try:
+        fleet = Fleet.start(settings)
+        return _ingest(args, settings, fleet, dedup_share)
+    finally:
+        ray.shutdown()
+        drop(open_store(settings=settings), keyspace)
+
+
+def _ingest(args, settings, fleet, dedup_share: bool) -> dict:
+    import ray
+
     batch_size = args.batch
-    events = as_dicts(synthetic_events(args.events, args.users))
-    batches = [events[at : at + batch_size] for at in range(0, len(events), batch_size)]
+    raw = synthetic_events(args.events, args.users)
+    events = as_dicts(raw)
+    batches = ingest_batches(args.sources, events, batch_size)
+    failures: list[str] = []
 
     async def run() -> dict:
         in_flight = asyncio.Semaphore(args.in_flight)
         totals = defaultdict(int)
 
-        async def one(n: int, batch: list[dict]) -> None:
+        async def one(source: str, batch: list[dict], lines: list[int] | None) -> None:
             async with in_flight:
-                ack = await fleet.apply_async(f"bench-{n}", batch)
+                try:
+                    ack = await fleet.apply_async(source, batch, lines=lines)
+                except Exception as exc:  # counted and named: the others go on
+                    failures.append(f"{type(exc).__name__}: {exc}"[:400])
+                    return
                 for key in ("applied", "duplicate", "rejected"):
                     totals[key] += ack[key]
 
-        await asyncio.gather(*(one(n, b) for n, b in enumerate(batches)))
+        await asyncio.gather(*(one(*b) for b in batches))
         return dict(totals)
 
+    if dedup_share:
+        ray.get([h.__ray_call__.remote(_time_dedup) for h in fleet.shards.values()])
     shard_pids = [ray.get(h.pid.remote()) for h in fleet.shards.values()]
     groups = {"fleet (validation, routing)": [os.getpid()], "shards": shard_pids}
+    jvm = node_pids(settings)
+    load_before = os.getloadavg()[0]
     busy_before, total_before = machine_cpu()
-    cpu_before = process_cpu(groups)
+    cpu_before = process_cpu(groups, jvm)
     start = time.perf_counter()
     totals = asyncio.run(run())
     seconds = time.perf_counter() - start
     busy_after, total_after = machine_cpu()
-    cpu_after = process_cpu(groups)
+    cpu_after = process_cpu(groups, jvm)
     busy = (busy_after - busy_before) / max(1, total_after - total_before)
+    timers = (
+        [ray.get(h.__ray_call__.remote(_read_timers)) for h in fleet.shards.values()]
+        if dedup_share
+        else []
+    )
     read_ms = []
     names = [f"user-{n}" for n in range(args.users)]
     rng = random.Random(3)
@@ -203,26 +269,304 @@ def bench_ingest(args) -> dict:
     read_ms.sort()
     fleet.shutdown()
     ray.shutdown()
-    drop(open_store(settings=settings), keyspace)
-    return {
-        "bench": "ingest",
+    if failures and not dedup_share:
+        raise RuntimeError(f"{len(failures)} batches failed; the first: {failures[0]}")
+    applied = max(1, totals.get("applied", 0))
+    by_process = {name: (cpu_after[name] - cpu_before[name]) / applied * 1e6 for name in cpu_after}
+    result = {
+        "bench": "dedup" if dedup_share else "ingest",
         "store": args.store,
         "shards": args.shards,
         "batch": batch_size,
+        "sources": args.sources,
         "events": len(events),
         "seconds": seconds,
         "events_per_s": totals["applied"] / seconds,
         # How busy the whole machine was (all cores): near 1.0 means the figure is
         # bounded by CPU, and busy * cores / events_per_s is the CPU cost per event.
         "machine_busy": busy,
-        "cpu_us_per_event": busy * (os.cpu_count() or 1) * seconds / totals["applied"] * 1e6,
-        "cpu_us_per_event_by_process": {
-            name: (cpu_after[name] - cpu_before[name]) / totals["applied"] * 1e6
-            for name in cpu_after
-        },
+        "cpu_us_per_event": busy * (os.cpu_count() or 1) * seconds / applied * 1e6,
+        "cpu_us_per_event_by_process": by_process,
+        # The processes of this benchmark only (the machine may be shared).
+        "own_cpu_us_per_event": sum(by_process.values()),
         "read_p50_ms": read_ms[len(read_ms) // 2] if read_ms else None,
         "read_p99_ms": read_ms[int(len(read_ms) * 0.99)] if read_ms else None,
+        # The machine may be shared: its 1-minute load average before and after.
+        "loadavg": [load_before, os.getloadavg()[0]],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "code": code_version(),
+        "failed_batches": len(failures),
+        "first_error": failures[0] if failures else None,
         **totals,
+    }
+    if dedup_share:
+        with open_store(settings=settings) as store:
+            result.update(dedup_figures(timers, applied, by_process))
+            isolated = dedup_isolated(
+                load_settings(store_url=settings.store_url),
+                store,
+                ingest_batches_as_tuples(batches, raw),
+                args.shards,
+                jvm,
+                result["events_per_s"],
+            )
+            result["isolated"] = isolated
+            own = result["own_cpu_us_per_event"]
+            result["isolated_share_of_own_cpu"] = isolated["dedup_cpu_us_per_event"] / own
+            result["isolated_with_cassandra_share_of_own_cpu"] = (
+                isolated["dedup_cpu_us_per_event"] + isolated["cassandra_cpu_us_per_event"]
+            ) / own
+    return result
+
+
+def bench_dedup(args) -> dict:
+    return bench_ingest(args, dedup_share=True)
+
+
+# --- what dedup costs on the write path ---------------------------------------------
+
+# The dedup work of a shard's write path, by the name it is timed under inside the
+# shards; "prepare" and "commit" contain "dedup.seen" and "dedup.record" and are kept
+# for scale.
+DEDUP_WORK = (
+    "dedup_keys",
+    "dedup.unknown",
+    "fetch_dedup",
+    "install_dedup",
+    "dedup.seen",
+    "dedup.record",
+)
+
+
+def _time_dedup(shard) -> int:
+    """Run inside a shard (``__ray_call__``): time its dedup work per call, as CPU of
+    the calling thread and wall time, without changing what it does."""
+    import time as clock
+
+    state = shard.state
+    timers: dict[str, list] = {}
+    state._bench_timers = timers
+
+    def wrap(owner, name: str, label: str, count) -> None:
+        real = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            cpu, wall = clock.thread_time(), clock.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                t = timers.setdefault(label, [0, 0, 0.0, 0.0])
+                t[0] += 1
+                t[1] += count(args)
+                t[2] += clock.thread_time() - cpu
+                t[3] += clock.perf_counter() - wall
+
+        setattr(owner, name, timed)
+
+    wrap(state, "dedup_keys", "dedup_keys", lambda a: len(a[1]))
+    wrap(state, "fetch_dedup", "fetch_dedup", lambda a: len(a[0]))
+    wrap(state, "install_dedup", "install_dedup", lambda a: len(a[0][0]))
+    wrap(state, "prepare", "prepare", lambda a: len(a[1].events))
+    wrap(state, "commit", "commit", lambda a: len(a[0].events))
+    wrap(state.dedup, "unknown", "dedup.unknown", lambda a: 0)
+    wrap(state.dedup, "seen", "dedup.seen", lambda a: len(a[1]))
+    wrap(state.dedup, "record", "dedup.record", lambda a: len(a[2]))
+    real_load = state.load_dedup
+
+    async def load_dedup(keys):
+        wall = clock.perf_counter()
+        try:
+            return await real_load(keys)
+        finally:
+            t = timers.setdefault("load_dedup", [0, 0, 0.0, 0.0])
+            t[0] += 1
+            t[3] += clock.perf_counter() - wall
+
+    state.load_dedup = load_dedup
+    return os.getpid()
+
+
+def _read_timers(shard) -> dict:
+    return {
+        "timers": dict(shard.state._bench_timers),
+        "entries": len(shard.state.dedup),
+        "dirty_entries": len(shard.state.dedup.dirty),
+        "intervals": sum(len(e.lows) for e in shard.state.dedup.entries.values()),
+    }
+
+
+def dedup_figures(shards: list[dict], applied: int, by_process: dict) -> dict:
+    """The dedup work timed inside the shards: per call kind, and its share of the
+    shards' CPU per event. ``fetch_dedup`` counts the CPU of the thread that calls the
+    driver (not the driver's I/O thread): the isolated figures below cover that."""
+    merged: dict[str, list] = {}
+    for shard in shards:
+        for label, (calls, items, cpu, wall) in shard["timers"].items():
+            m = merged.setdefault(label, [0, 0, 0.0, 0.0])
+            m[0] += calls
+            m[1] += items
+            m[2] += cpu
+            m[3] += wall
+    timed = {
+        label: {
+            "calls": calls,
+            "items": items,
+            "cpu_us_per_event": cpu / applied * 1e6,
+            "wall_s": wall,
+        }
+        for label, (calls, items, cpu, wall) in sorted(merged.items())
+    }
+    dedup_us = sum(timed[k]["cpu_us_per_event"] for k in DEDUP_WORK if k in timed)
+    shards_us = by_process.get("shards", 0.0)
+    return {
+        "in_shards": timed,
+        "in_shards_dedup_cpu_us_per_event": dedup_us,
+        "in_shards_dedup_share_of_shards_cpu": dedup_us / shards_us if shards_us else None,
+        "dedup_entries_resident": sum(s["entries"] for s in shards),
+        "dedup_entries_dirty": sum(s["dirty_entries"] for s in shards),
+        "dedup_intervals_resident": sum(s["intervals"] for s in shards),
+    }
+
+
+def ingest_batches_as_tuples(batches: list[tuple], raw: list[tuple]) -> list[tuple]:
+    """The same batches with each event as the fleet hands it to a shard (validated)."""
+    out, at = [], 0
+    for source, part, lines in batches:
+        events = raw[at : at + len(part)]
+        out.append((source, events, lines if lines is not None else list(range(len(part)))))
+        at += len(part)
+    return out
+
+
+def _grouping(state: ShardState, source: str, events: list, lines: list[int], by_user) -> None:
+    """The per-event dedup bookkeeping of ShardState.prepare (its lines grouped by
+    (partition, source) before ``seen``, and again for the new lines after), copied
+    from it so that its cost can be timed apart from the rest of prepare."""
+    grouped: dict[str, list[int]] = {}
+    for n, event in enumerate(events):
+        grouped.setdefault(dedup_key(by_user[event[0]], source), []).append(n)
+    for _key, indexes in grouped.items():
+        [lines[n] for n in indexes]
+    keys: dict[str, tuple[int, list[int]]] = {}
+    for event, line in zip(events, lines, strict=True):
+        partition = by_user[event[0]]
+        keys.setdefault(dedup_key(partition, source), (partition, []))[1].append(line)
+
+
+def dedup_isolated(
+    settings, store, batches: list[tuple], shards: int, jvm, events_per_s: float
+) -> dict:
+    """The shards' dedup work for these batches, alone in this process, split by owner
+    as the fleet splits them: per batch part the keys (twice: the prefetch, then under
+    the write lock), the store read of entries not in memory, ``seen``, the grouping
+    in prepare and ``record``; and at every checkpoint a shard would take with the
+    default settings (its dirty profiles past the threshold, or the interval gone by
+    at ``events_per_s``; the ingest run itself takes none), the changed entries
+    encoded and written. CPU is this process's (driver threads
+    included); the node's CPU is measured too, but other clients may share it."""
+    from actors.routing import initial_assignment, split_by_owner
+
+    threshold = settings.checkpoint_dirty_threshold
+    every = max(1, int(settings.checkpoint_interval_s * events_per_s / shards))
+    owners = initial_assignment(settings.partitions, shards)
+    states = {}
+    for name in sorted(set(owners.values())):
+        state = ShardState(f"isolated-{name}", store, settings, settings.partitions)
+        state.owned = {p: 1 for p, owner in owners.items() if owner == name}
+        states[name] = state
+    cpu: dict[str, float] = defaultdict(float)
+    wall: dict[str, float] = defaultdict(float)
+    node_cpu: dict[str, float] = defaultdict(float)
+    dirty: dict[str, set] = defaultdict(set)
+    since: dict[str, int] = defaultdict(int)
+    reads = {"requests": 0, "keys": 0}
+    writes = {"checkpoints": 0, "rows": 0, "bytes": 0, "largest_row_bytes": 0}
+
+    def node_seconds() -> float:
+        return process_cpu({}, jvm)["cassandra"] if jvm is not None else 0.0
+
+    def checkpoint(state: ShardState) -> None:
+        c, w = time.process_time(), time.perf_counter()
+        taken = state.dedup.take_dirty()
+        cpu["checkpoint: encode entries"] += time.process_time() - c
+        wall["checkpoint: encode entries"] += time.perf_counter() - w
+        node_before = node_seconds()
+        c, w = time.process_time(), time.perf_counter()
+        store.put_dedup(taken, settings.dedup_retention_s)
+        cpu["checkpoint: write entries"] += time.process_time() - c
+        wall["checkpoint: write entries"] += time.perf_counter() - w
+        node_cpu["checkpoint: write entries"] += node_seconds() - node_before
+        writes["checkpoints"] += 1
+        writes["rows"] += len(taken)
+        writes["bytes"] += sum(map(len, taken.values()))
+        writes["largest_row_bytes"] = max(
+            writes["largest_row_bytes"], max(map(len, taken.values()), default=0)
+        )
+
+    events_total = 0
+    for source, events, lines in batches:
+        events_total += len(events)
+        for name, (part, part_lines) in split_by_owner(
+            events, lines, owners, settings.partitions
+        ).items():
+            state = states[name]
+            by_user = {u: state.partition(u) for u in dict.fromkeys(e[0] for e in part)}
+            c, w = time.process_time(), time.perf_counter()
+            for _ in range(2):  # the prefetch, then again under the write lock
+                keys = state.dedup_keys(source, part)
+                unknown = state.dedup.unknown(k for k, p in keys.items() if p in state.owned)
+                if unknown:
+                    node_before = node_seconds()
+                    c_read, w_read = time.process_time(), time.perf_counter()
+                    state.install_dedup(state.fetch_dedup(unknown), keys)
+                    cpu["store read of unknown entries"] += time.process_time() - c_read
+                    wall["store read of unknown entries"] += time.perf_counter() - w_read
+                    node_cpu["store read of unknown entries"] += node_seconds() - node_before
+                    reads["requests"] += 1
+                    reads["keys"] += len(unknown)
+            cpu["keys and lookups"] += time.process_time() - c
+            wall["keys and lookups"] += time.perf_counter() - w
+            c = time.process_time()
+            prepared = state.prepare(source, CheckedBatch(list(part), list(part_lines), []))
+            cpu["prepare (all of it, for scale)"] += time.process_time() - c
+            c = time.process_time()
+            _grouping(state, source, part, part_lines, by_user)
+            cpu["grouping in prepare"] += time.process_time() - c
+            c = time.process_time()
+            for key, (_partition, key_lines) in prepared.keys.items():
+                state.dedup.seen(key, key_lines)
+            cpu["seen"] += time.process_time() - c
+            c = time.process_time()
+            for key, (partition, key_lines) in prepared.keys.items():
+                state.dedup.record(key, partition, key_lines)
+            cpu["record"] += time.process_time() - c
+            state.last_seq = prepared.seq
+            dirty[name].update(by_user)
+            since[name] += len(part)
+            if len(dirty[name]) >= threshold or since[name] >= every:
+                checkpoint(state)
+                dirty[name].clear()
+                since[name] = 0
+    for state in states.values():
+        checkpoint(state)
+    cpu["keys and lookups"] -= cpu["store read of unknown entries"]
+    dedup_parts = [k for k in cpu if not k.startswith("prepare")]
+    per_event = {k: v / events_total * 1e6 for k, v in cpu.items()}
+    entries = [e for s in states.values() for e in s.dedup.entries.values()]
+    return {
+        "events": events_total,
+        "checkpoint_dirty_threshold": threshold,
+        "checkpoint_every_events_per_shard": every,
+        "cpu_us_per_event": per_event,
+        "dedup_cpu_us_per_event": sum(per_event[k] for k in dedup_parts),
+        "wall_s": dict(wall),
+        "cassandra_cpu_us_per_event": sum(node_cpu.values()) / events_total * 1e6,
+        "cassandra_cpu_s": dict(node_cpu),
+        "store_reads": reads,
+        "checkpoint_writes": writes,
+        "entries": len(entries),
+        "intervals": sum(len(e.lows) for e in entries),
+        "largest_entry_intervals": max((len(e.lows) for e in entries), default=0),
     }
 
 
@@ -289,9 +633,10 @@ def bench_checkpoint(args) -> dict:
     # The shard's own checkpoint steps: encode chunks on this thread, write the
     # previous chunk meanwhile.
     start = time.perf_counter()
-    seq, users, meta = state.begin_checkpoint()
+    plan = state.begin_checkpoint()
+    users = plan.users
     asyncio.run(state.write_profiles(users, CHECKPOINT_CHUNK))
-    state.finish_checkpoint(seq, meta)
+    state.finish_checkpoint(plan)
     seconds = time.perf_counter() - start
     started = time.perf_counter()
     for at in range(0, len(users), CHECKPOINT_CHUNK):
@@ -427,7 +772,8 @@ def _fill_rows(table: ProfileTable, numbers: range, rng) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "which", choices=["apply", "ingest", "naive_ingest", "checkpoint", "recovery", "memory"]
+        "which",
+        choices=["apply", "ingest", "dedup", "naive_ingest", "checkpoint", "recovery", "memory"],
     )
     parser.add_argument("--read-seconds", type=float, default=5.0, help="ingest: read sampling")
     parser.add_argument("--events", type=int)
@@ -438,10 +784,17 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--batch", type=int, default=10_000)
     parser.add_argument("--in-flight", type=int, default=4)
+    parser.add_argument(
+        "--sources",
+        default="batch",
+        choices=["batch", "file", "request"],
+        help="ingest/dedup: one id per batch (default), one file, one Idempotency-Key per batch",
+    )
     args = parser.parse_args()
     defaults = {
         "apply": (10_000, 100_000),
         "ingest": (1_000_000, 100_000),
+        "dedup": (1_000_000, 100_000),
         "naive_ingest": (1_000_000, 100_000),
         "recovery": (0, 100_000),
         "memory": (0, 1_000_000),
