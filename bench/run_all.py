@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -40,6 +41,8 @@ def sizes(quick: bool) -> dict:
             "http_items": 20_000,
             "scaling_events": 60_000,
             "durability_appends": 1_000,
+            "checkpoint_bounds": ["--users", "20000", "--sources", "100", "--checkpoints", "2"],
+            "dedup_events": 200_000,
         }
     return {
         "store": 100_000,
@@ -53,6 +56,8 @@ def sizes(quick: bool) -> dict:
         "http_items": 100_000,
         "scaling_events": 300_000,
         "durability_appends": 3_000,
+        "checkpoint_bounds": [],  # bench.checkpoint_bench's defaults: issue #11's sizes
+        "dedup_events": 1_000_000,
     }
 
 
@@ -115,8 +120,42 @@ def run_durability(size: dict) -> dict:
     return run_module("bench.durability_bench", "--appends", str(size["durability_appends"]))
 
 
+def run_checkpoint_bounds(size: dict) -> list[dict]:
+    """Checkpoints of 100k items, a dense graph and 256 partitions on Cassandra: as
+    shipped, then with the signal chunks sent 8 at a time (what bounding the bytes a
+    checkpoint has in flight does)."""
+    args = size["checkpoint_bounds"]
+    return [
+        run_module("bench.checkpoint_bench", *args),
+        run_module("bench.checkpoint_bench", *args, "--signal-concurrency", "8"),
+    ]
+
+
+def run_dedup(size: dict, peers: bool = True) -> list[dict]:
+    """Ingest with the shards' dedup work timed, per kind of source; with ``peers``,
+    the in-memory apply and the naive actors again, to tell the machine's state at
+    the time from the change (a full run has them already)."""
+    events = str(size["dedup_events"])
+    runs = [
+        run_module(
+            "bench.shard_bench", "dedup", "--events", events, "--sources", kind, "--batch", batch
+        )
+        for kind, batch in (("file", "10000"), ("request", "10000"), ("request", "1000"))
+    ]
+    if peers:
+        runs.append(
+            run_module("bench.shard_bench", "apply", "--batches", str(size["apply_batches"]))
+        )
+        runs.append(run_module("bench.shard_bench", "naive_ingest", "--events", events))
+    return runs
+
+
 # Benchmarks that can also run alone (--only NAME), merged into the last results.json.
-SEPARATE = {"durability": run_durability}
+SEPARATE = {
+    "durability": run_durability,
+    "checkpoint_bounds": run_checkpoint_bounds,
+    "dedup": run_dedup,
+}
 
 
 def collect(quick: bool) -> dict:
@@ -129,9 +168,11 @@ def collect(quick: bool) -> dict:
     r["naive_ingest"] = run_module(
         "bench.shard_bench", "naive_ingest", "--events", str(size["ingest"])
     )
+    r["dedup"] = run_dedup(size, peers=False)
     r["checkpoint"] = run_module(
         "bench.shard_bench", "checkpoint", "--profiles", str(size["checkpoint"])
     )
+    r["checkpoint_bounds"] = run_checkpoint_bounds(size)
     r["recovery"] = run_module("bench.shard_bench", "recovery", "--users", str(size["recovery"]))
     r["memory"] = [
         run_module("bench.shard_bench", "memory", "--users", str(n)) for n in size["memory"]
@@ -280,8 +321,27 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
             lambda v: v >= 1.5,
             "{:.2f}x",
         ),
+        checkpoint_bounds_target(r.get("checkpoint_bounds") or []),
     ]
     return rows
+
+
+def checkpoint_bounds_target(runs: list) -> tuple[str, str, str, bool | None]:
+    """Issue #11: checkpoints keep working on Cassandra with 100k items, a dense graph
+    and 256 partitions (the run as shipped)."""
+    name = "checkpoints on Cassandra, 100k items, dense graph, 256 partitions"
+    target = "every one succeeds, no write over a limit"
+    shipped = next((c for c in runs if c.get("signal_concurrency_as_shipped")), None)
+    if shipped is None:
+        return (name, target, "not measured", None)
+    done = [c for c in shipped["checkpoints"] if not c.get("failed")]
+    measured = f"{len(done)} of {len(shipped['checkpoints'])} succeeded"
+    if shipped["over_limits"]:
+        measured += "; over a limit: " + "; ".join(shipped["over_limits"])
+    if shipped["items"] < 100_000:
+        measured += f" ({shipped['items']:,} items)"
+    ok = len(done) == len(shipped["checkpoints"]) and not shipped["over_limits"]
+    return (name, target, measured, ok)
 
 
 def peers(r: dict) -> list[tuple[str, str, str]]:
@@ -449,6 +509,307 @@ def durability_section(d: dict) -> list[str]:
     return lines
 
 
+def _short_error(text: str) -> str:
+    """A store error in a few words: what could not be done and the driver's cause."""
+    found = re.search(r"could not ([^:]+): (\w+)", text)
+    if found:
+        cause = found.group(2)
+        if "ConnectionBusy" in text:
+            cause += " (ConnectionBusy: the node stopped reading)"
+        return f"could not {found.group(1)}: {cause}"
+    found = re.search(r'message="([^"]+)"', text)
+    return found.group(1) if found else text[:300]
+
+
+def _errors(texts: list[str]) -> str:
+    """Distinct short errors with how many times each happened."""
+    counts: dict[str, int] = {}
+    for text in texts:
+        counts[_short_error(text)] = counts.get(_short_error(text), 0) + 1
+    return "; ".join(f"{e}" + (f" (x{n})" if n > 1 else "") for e, n in counts.items())
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def checkpoint_bounds_section(runs: list) -> list[str]:
+    runs = [c for c in runs if "checkpoints" in c]
+    if not runs:
+        return []
+    first = runs[0]
+    limits = first.get("limits", {})
+    lines = [
+        "",
+        "## Bounded checkpoints (issue #11)",
+        "",
+        f"`bench.checkpoint_bench` ({first['date']}): one ShardState owning all "
+        f"{first['partitions']} partitions on Cassandra, no Ray. {first['items']:,} items, "
+        f"each with trending and {first['neighbours_per_item']:.0f} co-engagement "
+        f"neighbours (2*M, the most before a trim; {first['graph_links']:,} links); "
+        f"{first['users']:,} users through the write path ({first['sources']} sources of "
+        f"{first['source_events']:,} events, each leaving a dedup entry per partition it "
+        f"touches); one file of {first['file_lines']:,} lines recorded in the dedup index "
+        "as its ingest leaves it. Checkpoints as ProfileShard.checkpoint takes them (a "
+        "failed one aborted and retried twice, as its ticker does), with traffic in "
+        "between; then a new ShardState recovers. Limits as the node reports them: "
+        f"batch_size_fail_threshold {limits.get('batch_size_fail_threshold', '?')}, "
+        f"max_mutation_size {limits.get('max_mutation_size', '?')}, "
+        f"native_transport_max_message_size {limits.get('native_transport_max_message_size', '?')}. "
+        "The machine was shared with other engineers' tests (1-minute load average "
+        + ", ".join(f"{c['loadavg'][0]:.0f}-{c['loadavg'][1]:.0f}" for c in runs)
+        + f" on {first['cpus']} cores): seconds are noisy.",
+        "",
+        "| signal chunks in flight | checkpoint | s (encode / profiles / rest) | profiles "
+        "| dedup entries | signal chunks, MiB | store requests | MiB written | outcome |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        label = f"{run['signal_concurrency']}" + (
+            " (as shipped)" if run["signal_concurrency_as_shipped"] else ""
+        )
+        for n, c in enumerate(run["checkpoints"], 1):
+            if c.get("failed"):
+                error = _errors([f["error"] for f in c["failures"]])
+                lines.append(
+                    f"| {label} | {n} | — | | | | | | **failed {len(c['failures'])} times**: "
+                    f"{error} |"
+                )
+                continue
+            w = c["writes"]
+            retried = f" after {len(c['failures'])} failures" if c["failures"] else ""
+            lines.append(
+                f"| {label} | {n} | {c['seconds']:.1f} ({c['begin_s']:.1f} / "
+                f"{c['profiles_s']:.1f} / {c['finish_s']:.1f}) | {c['profiles']:,} | "
+                f"{c['dedup_entries']:,} | {c['signal_chunks']}, {_mib(c['signal_bytes'])} | "
+                f"{w['requests']:,} | {_mib(w['bytes'])} | ok{retried} |"
+            )
+    lines += [
+        "",
+        "Largest single write of each kind (bytes bound into the statement; all runs, "
+        "failed attempts included), against the limit that applies to it:",
+        "",
+        "| write | largest request | largest batch of several rows | largest row | limit |",
+        "|---|---|---|---|---|",
+    ]
+    limit_of = {
+        "profile batch": "batch of rows (a partition each) <= 50 KiB; row <= 16 MiB",
+        "dedup batch": "batch of rows (a partition each) <= 50 KiB; row <= 16 MiB "
+        "(a one-row batch is exempt from the batch threshold)",
+        "signal chunk": "one statement: mutation <= 16 MiB, message <= 16 MiB",
+        "checkpoint meta": "one statement: mutation <= 16 MiB",
+        "journal trim": "one partition per batch: exempt from the batch threshold",
+    }
+    largest: dict[str, dict] = {}
+    for run in runs:
+        for kind, best in run["largest_write_bytes"].items():
+            mine = largest.setdefault(kind, {k: 0 for k in best})
+            for k, v in best.items():
+                mine[k] = max(mine[k], v)
+    for kind, best in largest.items():
+        lines.append(
+            f"| {kind} | {best['request']:,} | {best['multi_row_batch']:,} | "
+            f"{best['row']:,} | {limit_of.get(kind, '')} |"
+        )
+    node = max(run["node_reported_largest_batch_bytes"] for run in runs)
+    over = sorted({o for run in runs for o in run["over_limits"]})
+    lines += [
+        "",
+        f"- Largest batch as the node itself counts it (its warnings past "
+        f"batch_size_warn_threshold): {node:,} B, {node / first['batch_fail_threshold_bytes']:.0%} "
+        "of batch_size_fail_threshold. "
+        + ("Writes over a limit: " + "; ".join(over) + "." if over else "No write over a limit."),
+        "- Traffic between checkpoints trims items it pushes past 2*M neighbours back to "
+        "M, so later checkpoints carry fewer signal chunks; every checkpoint writes all of "
+        "them, changed or not.",
+        f"- The file of {first['file_lines']:,} lines is "
+        f"{first['file_dedup_intervals']:,} intervals in the dedup index "
+        f"({first['file_dedup_memory_mib']:,.0f} MiB resident): its lines reach each "
+        "partition's entry spread out, one interval per line, so a file's entries grow "
+        "with the file and every checkpoint during its ingest rewrites them whole.",
+    ]
+    for run in runs:
+        rec = run["recovery"]
+        reads = ", ".join(
+            f"{v['records']:,} {k.replace('_', ' ')} ({_mib(v['bytes'])} MiB)"
+            for k, v in rec["reads"].items()
+        )
+        same = rec["same_as_before"]
+        equal = all(v for k, v in same.items() if k != "file_entries_read")
+        lines.append(
+            f"- Recovery, signal chunks {run['signal_concurrency']} at a time: a new "
+            f"ShardState.recover() took {rec['seconds']:.1f} s (connect {rec['connect_s']:.1f} s): "
+            f"{rec['journal_rows_replayed']} journal rows replayed, read {reads or 'no signals'}; "
+            + (
+                "state equal to the shard's."
+                if equal
+                else "state NOT equal: "
+                + ", ".join(k for k, v in same.items() if v is False)
+                + " (signals never checkpointed: the journal replay rebuilds only what its "
+                "rows hold)."
+            )
+        )
+    old = first["old_single_blob"]
+    lines.append(
+        f"- The single blob this replaces (ItemStats.state() and 2,000 remembered batch ids "
+        f"for each of {first['partitions']} partitions, in the checkpoint row) would be "
+        f"{_mib(old['bytes'])} MiB ({_mib(old['item_stats_bytes'])} MiB of signals, "
+        f"{_mib(old['batch_ids_bytes'])} MiB of batch ids) for the same state; offered to "
+        f"the node: {_short_error(old['node'])}."
+    )
+    busy = any(
+        "ConnectionBusy" in f["error"]
+        for run in runs
+        for c in run["checkpoints"]
+        for f in c["failures"]
+    )
+    if busy:
+        per_ip = limits.get("native_transport_max_request_data_in_flight_per_ip", "25.6 MiB")
+        lines.append(
+            "- Why the signal writes fail: `CassandraStore.put_signals` sends the chunks "
+            "`write_concurrency` (64) at a time, ~32 MiB of ~512 KiB statements in flight on "
+            "one connection. Past native_transport_max_request_data_in_flight_per_ip "
+            f"({per_ip}: heap/40, and this node runs a 1 GiB heap) the node stops reading "
+            "from the client, the socket fills, and the driver fails each request it cannot "
+            "write at once (ConnectionBusy -> NoHostAvailable -> StoreUnavailable) instead of "
+            "waiting. A retry sends the same burst: every checkpoint fails, the journal is never "
+            "trimmed, and requests sent while the failed burst drains fail too. Sent 8 at a time "
+            "(4 MiB in flight) the same checkpoints succeed."
+        )
+    failures = [f for run in runs for f in run.get("store_failures_outside_checkpoints", [])]
+    if failures:
+        lines.append(
+            f"- {len(failures)} store calls failed outside checkpoints, right after a failed "
+            f"one (retried): {_errors([f['error'] for f in failures])}."
+        )
+    return lines
+
+
+def dedup_section(runs: list, r: dict) -> list[str]:
+    dedup = [d for d in runs if d.get("bench") == "dedup"]
+    if not dedup:
+        return []
+    by_bench = {d.get("bench"): d for d in runs}
+    apply = by_bench.get("apply") or r.get("apply", {})
+    naive = by_bench.get("naive_ingest") or r.get("naive_ingest", {})
+    recorded = r.get("ingest", {})
+    recorded_date = recorded.get("date") or _get(r, "machine", "date", default="?")
+
+    def own(d: dict) -> float:
+        return d.get("own_cpu_us_per_event") or sum(
+            d.get("cpu_us_per_event_by_process", {}).values()
+        )
+
+    def processes(d: dict) -> str:
+        return " / ".join(f"{v:.1f}" for v in d.get("cpu_us_per_event_by_process", {}).values())
+
+    lines = [
+        "",
+        "## What dedup records cost on the write path (issue #11)",
+        "",
+        "`shard_bench dedup` is `shard_bench ingest` (2 shards, Cassandra, 4 batches in "
+        "flight, no checkpoint during the run) with the shards' dedup work timed inside "
+        "them, nothing turned off: keys per batch (`dedup_keys`, twice: prefetch and under "
+        "the lock), reads of entries not in memory (`fetch_dedup`, `install_dedup`), "
+        "`seen`, `record`. Then the same dedup work alone, in one process, on the same "
+        "batches split as the fleet splits them, including the grouping of lines inside "
+        "`prepare` and the checkpoints a shard would take with default settings "
+        "(threshold, or every 30 s at the measured rate), which encode and write every "
+        "changed entry. Sources: *file* is one `persona ingest` file (lines are line "
+        "numbers); *request* is a fresh Idempotency-Key per batch (HTTP). CPU is per "
+        "applied event, of this benchmark's processes only (the machine was shared: "
+        "1-minute load average "
+        + ", ".join(f"{d['loadavg'][0]:.0f}-{d['loadavg'][1]:.0f}" for d in dedup if "loadavg" in d)
+        + f" on {dedup[0].get('cpus', '?')} cores; {dedup[0].get('date', '')}).",
+        "",
+        "| source, batch | events/s | CPU us/event: own (fleet / shards / Cassandra) "
+        "| dedup in shards, us/event (share of shards) | dedup alone, us/event (share of own) "
+        "| Cassandra for dedup, us/event | dedup reads: requests, keys "
+        "| checkpoint dedup writes: rows, MiB (largest row) | entries, intervals | failed batches |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for d in dedup:
+        iso = d.get("isolated", {})
+        writes = iso.get("checkpoint_writes", {})
+        reads = iso.get("store_reads", {})
+        failed = d.get("failed_batches", 0)
+        batches = -(-d["events"] // d["batch"])
+        failed_text = (
+            f"**{failed} of {batches:,}**: {_short_error(d['first_error'])}" if failed else "0"
+        )
+        lines.append(
+            f"| {d['sources']}, {d['batch']:,} | {d['events_per_s']:,.0f} | "
+            f"{own(d):.1f} ({processes(d)}) | "
+            f"{d.get('in_shards_dedup_cpu_us_per_event', 0):.2f} "
+            f"({d.get('in_shards_dedup_share_of_shards_cpu') or 0:.0%}) | "
+            f"{iso.get('dedup_cpu_us_per_event', 0):.2f} ({d.get('isolated_share_of_own_cpu', 0):.0%}) | "
+            f"{iso.get('cassandra_cpu_us_per_event', 0):.2f} | "
+            f"{reads.get('requests', 0):,}, {reads.get('keys', 0):,} | "
+            f"{writes.get('rows', 0):,}, {_mib(writes.get('bytes', 0))} "
+            f"({writes.get('largest_row_bytes', 0):,} B) | "
+            f"{iso.get('entries', 0):,}, {iso.get('intervals', 0):,} | {failed_text} |"
+        )
+    if "events_per_s" in recorded:
+        lines.append(
+            f"| `ingest` in results.json ({recorded_date}; one id per 10,000-event batch) "
+            f"| {recorded['events_per_s']:,.0f} | {own(recorded):.1f} ({processes(recorded)}) "
+            "| | | | | | | |"
+        )
+    parts: dict[str, list[str]] = {}
+    for d in dedup:
+        for k, v in d.get("isolated", {}).get("cpu_us_per_event", {}).items():
+            parts.setdefault(k, []).append(f"{v:.2f}")
+    lines += [
+        "",
+        "- *dedup in shards* is what the shards' timers saw (CPU of the calling thread; "
+        "the driver's I/O thread is not in it) and leaves out the grouping inside "
+        "`prepare`; *dedup alone* has every part, checkpoints included, by part: "
+        + "; ".join(f"{k} {' / '.join(v)}" for k, v in parts.items())
+        + " us/event ("
+        + ", ".join(f"{d['sources']}/{d['batch']:,}" for d in dedup)
+        + "; *prepare* is all of prepare, for scale: it contains *seen* and the grouping).",
+        "- A file's lines reach each partition's entry spread out (the file is not "
+        "sorted by partition), so its entries hold about one interval per line, not "
+        "one per file; a request's entry is small but each request makes one per "
+        "partition it touches, a store read for each and a row at the next checkpoint.",
+    ]
+    capacity = load_settings().dedup_memory_entries
+    for d in dedup:
+        shards = d.get("shards", 1)
+        timed = d.get("in_shards", {})
+        if d.get("dedup_entries_dirty", 0) > capacity * shards:
+            lines.append(
+                f"- {d['sources']}/{d['batch']:,}: the shards held "
+                f"{d['dedup_entries_resident']:,} entries, {d['dedup_entries_dirty']:,} of them "
+                "changed since the last checkpoint (none is taken during the run), above "
+                f"dedup_memory_entries ({capacity:,} per shard). Past it, every install and "
+                "every record scans the whole index for a clean entry to drop "
+                f"(`install_dedup` {_get(timed, 'install_dedup', 'cpu_us_per_event', default=0):.1f} "
+                f"us/event, `record` {_get(timed, 'dedup.record', 'cpu_us_per_event', default=0):.1f} "
+                "us/event in the shards), and the only clean entries are those just read for "
+                "batches still in flight: those batches fail "
+                f"({d.get('failed_batches', 0)} here). A shard gets there whenever more keys "
+                "than that change between two of its checkpoints (30 s by default)."
+            )
+    if apply.get("apply_events_per_s") and naive.get("events_per_s"):
+        then_apply = _get(r, "apply", "apply_events_per_s", default=0)
+        then_naive = _get(r, "naive_ingest", "events_per_s", default=0)
+        if by_bench.get("apply") and then_apply and then_naive:
+            lines.append(
+                "- Peers measured right after these runs, to tell the machine's state from "
+                f"the change: in-memory apply {apply['apply_events_per_s']:,.0f} events/s "
+                f"({apply['apply_events_per_s'] / then_apply:.2f}x the run of "
+                f"{recorded_date}), naive actors {naive['events_per_s']:,.0f} events/s "
+                f"({naive['events_per_s'] / then_naive:.2f}x)."
+            )
+        else:
+            lines.append(
+                f"- Same-run peers: in-memory apply {apply['apply_events_per_s']:,.0f} "
+                f"events/s, naive actors {naive['events_per_s']:,.0f} events/s."
+            )
+    return lines
+
+
 def render(r: dict, facts: dict) -> str:
     lines = [
         "# Benchmark results",
@@ -495,6 +856,8 @@ def render(r: dict, facts: dict) -> str:
             f"| global popularity (same split) | {quality['popularity']['recall']:.4f} | {quality['popularity']['ndcg']:.4f} |",
         ]
     lines += durability_section(_get(r, "durability", "durability_bench", default={}))
+    lines += checkpoint_bounds_section(r.get("checkpoint_bounds") or [])
+    lines += dedup_section(r.get("dedup") or [], r)
     elastic = r.get("elastic", {})
     if "move" in elastic:
         lines += [
@@ -563,8 +926,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.only:
+        figures = SEPARATE[args.only](sizes(args.quick))
+        # Read after the run: another --only may have written meanwhile.
         results = json.loads((HERE / "results.json").read_text())
-        results[args.only] = SEPARATE[args.only](sizes(args.quick))
+        results[args.only] = figures
         (HERE / "results.json").write_text(json.dumps(results, indent=2))
         args.render = True
     if args.render:
