@@ -18,7 +18,7 @@ moves with it (the new owner reads what the old owner's release checkpoint wrote
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 
 from storage import codec
@@ -102,6 +102,8 @@ class DedupIndex:
         self.entries: OrderedDict[str, LineSet] = OrderedDict()
         self.partition_of: dict[str, int] = {}
         self.dirty: set[str] = set()
+        # Keys a batch in flight needs from its load to its commit: never dropped.
+        self.pinned: Counter[str] = Counter()
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
@@ -160,16 +162,34 @@ class DedupIndex:
             del self.partition_of[key]
             self.dirty.discard(key)
 
+    def pin(self, keys: Iterable[str]) -> None:
+        self.pinned.update(keys)
+
+    def unpin(self, keys: Iterable[str]) -> None:
+        self.pinned.subtract(keys)
+        for key in [k for k, n in self.pinned.items() if n <= 0]:
+            del self.pinned[key]
+
+    def over_capacity(self) -> bool:
+        """More changed entries than the memory holds: time for a checkpoint."""
+        return len(self.dirty) >= self.capacity
+
     def _shrink(self, keep: set[str] = frozenset()) -> None:
-        """Drop least recently used clean entries past the capacity (dirty ones wait
-        for the checkpoint that writes them; ``keep`` were just read for a batch)."""
-        excess = len(self.entries) - self.capacity
-        if excess <= 0:
+        """Drop least recently used clean entries past the capacity, down to 90% of it
+        (so eviction runs in rounds, not on every call). Dirty ones wait for the
+        checkpoint that writes them; pinned ones for their batch; ``keep`` were just
+        read for a batch."""
+        if len(self.entries) <= self.capacity:
             return
+        excess = len(self.entries) - int(self.capacity * 0.9)
+        evictable = len(self.entries) - len(self.dirty) - len(self.pinned) - len(keep)
+        if evictable <= 0:
+            return  # nothing can go before the next checkpoint: do not scan for it
+        pinned = self.pinned
         for key in list(self.entries):
             if excess <= 0:
                 break
-            if key not in self.dirty and key not in keep:
+            if key not in self.dirty and key not in keep and key not in pinned:
                 del self.entries[key]
                 del self.partition_of[key]
                 excess -= 1

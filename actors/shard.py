@@ -166,16 +166,23 @@ class ProfileShard:
         state = self.state
         batch = state.check(events, lines, validated=validated)
         users = batch.users()
-        looked_up = await self._prefetch(source, batch) if validated else None
-        async with self._write_lock:
-            # Held against eviction from the first load until the batch is applied.
-            state.pin(users)
-            try:
+        keys = list(state.dedup_keys(source, batch.events))
+        # The batch's users and dedup entries are held against eviction from their
+        # first load until the batch is applied (or refused).
+        state.pin(users)
+        state.dedup.pin(keys)
+        try:
+            looked_up = await self._prefetch(source, batch) if validated else None
+            async with self._write_lock:
                 ack = await self._apply_locked(source, batch, looked_up)
-            finally:
-                state.unpin(users)
+        finally:
+            state.unpin(users)
+            state.dedup.unpin(keys)
         await self._passivate()
-        if state.table.dirty_count() >= self.settings.checkpoint_dirty_threshold:
+        if (
+            state.table.dirty_count() >= self.settings.checkpoint_dirty_threshold
+            or state.dedup.over_capacity()
+        ):
             asyncio.get_running_loop().create_task(self._checkpoint_quietly())
         return ack.as_dict()
 

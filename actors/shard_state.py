@@ -412,7 +412,8 @@ class ShardState:
         self.dedup.install(found, asked, partitions)
 
     async def load_dedup(self, keys: Mapping[str, int]) -> None:
-        """Read the dedup entries of keys not in memory (off the event loop)."""
+        """Read the dedup entries of keys not in memory (off the event loop). Callers
+        pin the keys first (see DedupIndex.pin), so what is loaded stays loaded."""
         unknown = self.dedup.unknown(k for k, p in keys.items() if p in self.owned)
         if unknown:
             self.install_dedup(await asyncio.to_thread(self.fetch_dedup, unknown), keys)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import glob
 import hashlib
 import json
@@ -320,6 +321,24 @@ def _ingest_one_task(row: dict) -> dict:
     return summary.to_row()
 
 
+def task_rows(
+    files: list[Path], settings: Settings, dead_path: str, batch_size: int, in_flight: int
+) -> list[dict]:
+    """One Ray Data row per file. Each carries the settings without the API token: a
+    job talks to the shards, not the API, and rows sit in the object store."""
+    settings_row = dataclasses.asdict(settings.public())
+    return [
+        {
+            "path": str(p.resolve()),
+            "settings": settings_row,
+            "dead_letter": str(Path(dead_path).resolve()) + f".{n}",
+            "batch": batch_size,
+            "in_flight": in_flight,
+        }
+        for n, p in enumerate(files)
+    ]
+
+
 def run(
     paths: list[str],
     *,
@@ -330,8 +349,6 @@ def run(
     distributed: bool | None = None,
     stream=sys.stderr,
 ) -> Summary:
-    import dataclasses
-
     from jobs.common import fleet_for_job, settings_for_command
 
     settings = settings or settings_for_command()
@@ -346,16 +363,7 @@ def run(
     if distributed:
         import ray.data
 
-        rows = [
-            {
-                "path": str(p.resolve()),
-                "settings": dataclasses.asdict(settings),
-                "dead_letter": str(Path(dead_path).resolve()) + f".{n}",
-                "batch": batch_size,
-                "in_flight": in_flight,
-            }
-            for n, p in enumerate(files)
-        ]
+        rows = task_rows(files, settings, dead_path, batch_size, in_flight)
         results = ray.data.from_items(rows).map(_ingest_one_task).take_all()
         with open(dead_path, "w") as merged:
             for row in rows:

@@ -138,8 +138,23 @@ class Settings:
     )
 
     # --- serving ---
-    api_token: str = ""
+    # The API's bearer tokens by name, as SHA-256 digests, never plaintext (JSON in
+    # PERSONA_API_TOKENS): {"ci": {"sha256": "<hex>", "role": "write"}}. Roles: "read"
+    # (profiles, recommendations and items, /readyz details), "write" (events, and
+    # read), "admin" (deletes and the catalog upload, and write). "sha256" may list
+    # several digests: rotate by adding the new one, rolling the clients, removing the
+    # old. Idempotency-Keys are scoped by the name (README, "Security").
+    api_tokens: dict = field(default_factory=dict)
+    # One plaintext admin token, named "api_token" (surrounding whitespace dropped).
+    # Only its digest leaves the process that builds the app; never printed.
+    api_token: str = field(default="", repr=False)
+    # Reads need a "read" token too (refused at start when no token is configured).
     protect_reads: bool = False
+    # The address Serve's HTTP proxy binds: set it beside serve.yaml's
+    # http_options.host. On any address but loopback, an app with no token refuses to
+    # start unless anonymous writes are allowed explicitly (logged as a warning).
+    bind_host: str = "127.0.0.1"
+    allow_anonymous_writes: bool = False
     # Bytes of one POST /v1/events or PUT /v1/items body.
     max_body_bytes: int = 8 * 1024 * 1024
     # Items of one PUT /v1/items (events of one POST: max_batch_events).
@@ -178,6 +193,11 @@ class Settings:
     @property
     def half_life_seconds(self) -> float:
         return self.half_life_days * 86_400.0
+
+    def public(self) -> Settings:
+        """These settings without the plaintext API token: what may be handed to actors,
+        job rows and records (the digests of api_tokens may go anywhere)."""
+        return dataclasses.replace(self, api_token="")
 
 
 # The settings a batch's meaning depends on (see Settings.model_fingerprint).

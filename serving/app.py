@@ -7,8 +7,6 @@ from PERSONA_* variables of the process that builds the application.
 
 import asyncio
 import dataclasses
-import hashlib
-import hmac
 import logging
 import time
 import uuid
@@ -34,6 +32,12 @@ from persona.errors import (
 )
 from persona.settings import Settings, load_settings
 from serving import schemas
+from serving.auth import (
+    TokenTable,
+    access_tokens,
+    client_scope,
+    refuse_open_exposure,
+)
 from serving.metrics import EventMetrics, RequestMetrics
 from serving.recommend import RecommenderCore
 from serving.views import (
@@ -63,7 +67,7 @@ api = FastAPI(
 ERRORS = {
     400: {"model": schemas.ErrorBody, "description": "malformed request"},
     401: {"model": schemas.ErrorBody, "description": "missing bearer token"},
-    403: {"model": schemas.ErrorBody, "description": "wrong bearer token"},
+    403: {"model": schemas.ErrorBody, "description": "unknown token, or its role too low"},
     422: {"model": schemas.ErrorBody, "description": "invalid input; nothing was applied"},
     503: {"model": schemas.ErrorBody, "description": "store or shard unavailable; retry"},
 }
@@ -157,17 +161,6 @@ api.add_middleware(RequestMetrics, endpoint_of=endpoint_label)
 
 # Module helpers that routes call are defined above Ingress: Serve pickles the routes
 # by value when the class is decorated, with the globals that exist at that moment.
-def client_scope(authorization: str | None) -> str:
-    """Whose Idempotency-Keys these are: a digest of the bearer credential (or
-    "anonymous"), so two clients that both send `req-1` never swallow each other's
-    batch, and a key names no secret in the journal."""
-    _scheme, _, credential = (authorization or "").strip().partition(" ")
-    credential = credential.strip()
-    if not credential:
-        return "anonymous"
-    return "client-" + hashlib.sha256(credential.encode()).hexdigest()[:16]
-
-
 def _valid_id(value: str, name: str, *, in_url_path: bool = True) -> str:
     problem = check_id(value, name, in_url_path=in_url_path)
     if problem:
@@ -178,12 +171,14 @@ def _valid_id(value: str, name: str, *, in_url_path: bool = True) -> str:
 @serve.deployment(name="Ingress", max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, settings: dict, token_sha256: str):
+    def __init__(self, settings: dict, tokens: dict[str, dict]):
         self.settings = Settings(**settings)
         self.rules = ProfileRules.from_settings(self.settings)
-        # Only a digest of the token reaches the replicas: it never sits in their
-        # config, their environment or their logs.
-        self.token_sha256 = token_sha256
+        # Only digests reach the replicas (serving.auth.access_tokens): no token sits
+        # in their config, their environment or their logs.
+        self.tokens = TokenTable(tokens)
+        # The role reads need: none unless PERSONA_PROTECT_READS.
+        self.read_role = "read" if self.settings.protect_reads else None
         # One store session per replica, shared by the routes, the fleet and the
         # recommender. The replica joins the fleet the app's builder started: scaling
         # the ingress never creates shards or claims partitions.
@@ -213,26 +208,6 @@ class Ingress:
             await self.recommender.load_signals()
         return self.recommender
 
-    # --- auth ---
-    def check_token(self, authorization: str | None, *, read: bool) -> None:
-        if not self.token_sha256 or (read and not self.settings.protect_reads):
-            return
-        if not self._presents_token(authorization):
-            raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>")
-
-    def _presents_token(self, authorization: str | None) -> bool:
-        """Whether the caller sent the API token (403 for another one); always true when
-        no token is set."""
-        if not self.token_sha256:
-            return True
-        if not authorization:
-            return False
-        scheme, _, token = authorization.strip().partition(" ")
-        digest = hashlib.sha256(token.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.token_sha256):
-            raise ApiError(403, "forbidden", "the bearer token is not valid")
-        return True
-
     # --- batched shard reads: many requests, one actor call per shard ---
     @serve.batch(max_batch_size=128, batch_wait_timeout_s=0.002)
     async def _read_profiles(self, user_ids: list[str]) -> list[dict | None]:
@@ -252,8 +227,8 @@ class Ingress:
     )
     async def readyz(self, authorization: str | None = Header(None)) -> Response:
         # Anonymous callers (probes) learn ready or not; the details name the store's
-        # hosts and the shards, so they need a token that may read.
-        detailed = self._presents_token(authorization)
+        # hosts and the shards, so they need a known token (any role may read them).
+        detailed = not self.tokens or self.tokens.identify(authorization) is not None
         store_state = "ok"
         try:
             await asyncio.wait_for(asyncio.to_thread(self.store.ping), timeout=3.0)
@@ -287,7 +262,7 @@ class Ingress:
     async def get_profile(
         self, user_id: str, authorization: str | None = Header(None)
     ) -> JSONResponse:
-        self.check_token(authorization, read=True)
+        self.tokens.authorize(authorization, self.read_role)
         _valid_id(user_id, "user_id")
         record = await self._read_profiles(user_id)
         if record is None:
@@ -311,7 +286,7 @@ class Ingress:
         exclude_seen: bool = True,
         authorization: str | None = Header(None),
     ) -> JSONResponse:
-        self.check_token(authorization, read=True)
+        self.tokens.authorize(authorization, self.read_role)
         _valid_id(user_id, "user_id")
         record = await self._read_profiles(user_id)
         recommender = await self._recommender_ready()
@@ -347,7 +322,7 @@ class Ingress:
         idempotency_key: str | None = Header(None),
         authorization: str | None = Header(None),
     ) -> dict:
-        self.check_token(authorization, read=False)
+        caller = self.tokens.authorize(authorization, "write")
         # A key names a batch, never a URL: only the common id rules apply.
         batch_id = (
             _valid_id(idempotency_key, "Idempotency-Key", in_url_path=False)
@@ -357,7 +332,7 @@ class Ingress:
         events = await self._read_batch(request)
         try:
             ack = await self.fleet.apply_async(
-                f"{client_scope(authorization)}:{batch_id}", events, all_or_nothing=True
+                f"{client_scope(caller)}:{batch_id}", events, all_or_nothing=True
             )
         except InvalidEvents as exc:
             self.metrics.events(rejected=len(exc.errors))
@@ -427,7 +402,7 @@ class Ingress:
         tags=["profiles"],
     )
     async def delete_user(self, user_id: str, authorization: str | None = Header(None)) -> Response:
-        self.check_token(authorization, read=False)
+        self.tokens.authorize(authorization, "admin")
         _valid_id(user_id, "user_id")
         existed = await self.fleet.delete_user_async(user_id)
         if not existed:
@@ -464,7 +439,7 @@ class Ingress:
         },
     )
     async def put_items(self, request: Request, authorization: str | None = Header(None)) -> dict:
-        self.check_token(authorization, read=False)
+        self.tokens.authorize(authorization, "admin")
         body = await self._read_body(request, JSON_TYPES, self.item_limits)
         items = body.get("items") if isinstance(body, dict) else None
         if not isinstance(items, list) or not items:
@@ -497,25 +472,13 @@ class Ingress:
         tags=["catalog"],
     )
     async def get_item(self, item_id: str, authorization: str | None = Header(None)) -> dict:
-        self.check_token(authorization, read=False)
+        # The catalog needs a token whenever there are tokens, reads protected or not.
+        self.tokens.authorize(authorization, "read")
         _valid_id(item_id, "item_id")
         found = await asyncio.to_thread(self.store.get_items, [item_id])
         if item_id not in found:
             raise ApiError(404, "unknown_item", f"no item {item_id!r} in the catalog")
         return decode_item(item_id, found[item_id])
-
-
-def token_digest(settings: Settings) -> str:
-    """SHA-256 of the API token, "" when none is set. Surrounding whitespace is not part
-    of it: a token read from a mounted secret usually ends in a newline."""
-    if not settings.api_token:
-        return ""
-    token = settings.api_token.strip()
-    if not token:
-        raise ConfigError(
-            "PERSONA_API_TOKEN holds only whitespace: set a token, or unset it to turn auth off"
-        )
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def build_app(args: Settings | dict | None = None, *, replicas: int | None = None):
@@ -528,10 +491,13 @@ def build_app(args: Settings | dict | None = None, *, replicas: int | None = Non
     ``replicas`` fixes the ingress replica count (benchmarks); deployments otherwise
     take serve.yaml's."""
     settings = args if isinstance(args, Settings) else load_settings(**(args or {}))
+    # Here, before anything starts: the plaintext token becomes a digest, and an app that
+    # would run open where it must not is refused (serving.auth).
+    tokens = access_tokens(settings)
+    refuse_open_exposure(settings, tokens)
     Fleet.start(settings).store.close()
-    public = dataclasses.asdict(dataclasses.replace(settings, api_token=""))
     ingress = Ingress if replicas is None else Ingress.options(num_replicas=replicas)
-    return ingress.bind(public, token_digest(settings))
+    return ingress.bind(dataclasses.asdict(settings.public()), tokens)
 
 
 def __getattr__(name: str):

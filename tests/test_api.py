@@ -15,7 +15,7 @@ import ray
 
 from persona.errors import ConfigError
 from persona.settings import load_settings
-from serving.app import token_digest
+from serving.auth import token_digest
 from tests.conftest import API_TOKEN
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}

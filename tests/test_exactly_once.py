@@ -466,16 +466,6 @@ def test_write_path_refuses_a_batch_when_lines_do_not_match_events(settings):
     asyncio.run(scenario())
 
 
-def test_idempotency_keys_are_scoped_to_the_client_credential():
-    from serving.app import client_scope
-
-    assert client_scope("Bearer token-a") != client_scope("Bearer token-b")
-    assert client_scope("Bearer token-a") == client_scope("Bearer token-a\n")
-    assert client_scope("Bearer token-a") == client_scope("Bearer  token-a")
-    assert client_scope(None) == "anonymous"
-    assert "token-a" not in client_scope("Bearer token-a")
-
-
 def test_lines_caught_up_during_a_hand_over_keep_the_source_history(settings):
     user = user_in(0)
 
@@ -535,3 +525,34 @@ def test_a_sender_pointed_at_another_store_is_refused_at_once(settings, tmp_path
         return settings.model_fingerprint() == tuned.model_fingerprint()
 
     assert asyncio.run(scenario()) is True
+
+
+def test_dedup_entries_of_a_batch_in_flight_stay_while_others_churn_the_memory(settings):
+    """A tiny dedup memory: while a batch waits for its append, other batches' reads
+    push entries out; the waiting batch's entry must still be there at its commit,
+    or its lines would be applied without being remembered (a retry doubles them)."""
+    validator = EventValidator(list(settings.action_weights))
+
+    def valid(user: str, item: str) -> list:
+        return validator.validate([event(user, item)])[0]
+
+    async def scenario():
+        node = shard(settings, dedup_memory_entries=2)
+        faulty = node.state.store = Faulty(node.state.store)
+        entered, release = faulty.hold_next("append_journal")
+        first = asyncio.ensure_future(node.apply_batch("req-first", valid("ann", "x"), True))
+        await asyncio.to_thread(entered.wait, 10)
+        others = [
+            asyncio.ensure_future(node.apply_batch(f"req-{n}", valid(f"u{n}", "y"), True))
+            for n in range(6)
+        ]
+        await asyncio.sleep(0.5)  # their reads run (outside the write lock) meanwhile
+        release.set()
+        acks = await asyncio.gather(first, *others)
+        retry = await node.apply_batch("req-first", valid("ann", "x"), True)
+        return acks[0], retry, await held_events(node, "ann")
+
+    first, retry, held = asyncio.run(scenario())
+    assert first["applied"] == 1
+    assert (retry["applied"], retry["duplicate"]) == (0, 1)
+    assert held == 1
