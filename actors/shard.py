@@ -428,4 +428,4 @@ def shard_actor(settings: Settings, name: str, partitions: int):
         num_cpus=settings.shard_cpus,
         resources=settings.shard_resources,
         scheduling_strategy="SPREAD",
-    ).remote(name, dataclasses.asdict(settings), partitions)
+    ).remote(name, dataclasses.asdict(settings.public()), partitions)
