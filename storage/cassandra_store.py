@@ -46,6 +46,9 @@ from storage.base import (
 
 log = logging.getLogger(__name__)
 
+# Item-signal chunks (~512 KiB each) written or read at once: ~4 MiB in flight.
+SIGNAL_CHUNKS_IN_FLIGHT = 8
+
 _UNAVAILABLE = (
     NoHostAvailable,
     OperationTimedOut,
@@ -164,7 +167,9 @@ class CassandraStore(Store):
         if journal is not None and "trimmed" not in journal.columns:
             self._session.execute(cql.ADD_TRIMMED_MARKER)
 
-    def _concurrent(self, text: str, params: list[tuple], what: str) -> list:
+    def _concurrent(
+        self, text: str, params: list[tuple], what: str, concurrency: int | None = None
+    ) -> list:
         if not params:
             return []
         with self._errors(what):
@@ -172,7 +177,7 @@ class CassandraStore(Store):
                 self._session,
                 self._stmt(text),
                 params,
-                concurrency=self.options.write_concurrency,
+                concurrency=concurrency or self.options.write_concurrency,
                 raise_on_first_error=True,
                 results_generator=False,
             )
@@ -477,14 +482,25 @@ class CassandraStore(Store):
 
     # --- item signals ---
     def put_signals(self, journal_id: str, slot: int, chunks: list[bytes]) -> None:
-        # One statement per chunk: a chunk is far above the batch size threshold.
+        # One statement per chunk (a chunk is far above the batch size threshold), a
+        # few at a time: 64 chunks of ~512 KiB in flight exceed what a node accepts
+        # from one client (native_transport_max_request_data_in_flight_per_ip, heap/40),
+        # and the driver then fails the requests it cannot send (measured: bench/).
         params = [(journal_id, slot, n, blob) for n, blob in enumerate(chunks)]
-        self._concurrent(cql.PUT_SIGNALS, params, f"write item signals of {journal_id}")
+        self._concurrent(
+            cql.PUT_SIGNALS,
+            params,
+            f"write item signals of {journal_id}",
+            concurrency=SIGNAL_CHUNKS_IN_FLIGHT,
+        )
 
     def get_signals(self, journal_id: str, slot: int, count: int) -> list[bytes]:
         params = [(journal_id, slot, n) for n in range(count)]
         found = {}
-        for n, rows in enumerate(self._concurrent(cql.GET_SIGNALS, params, "read item signals")):
+        chunks = self._concurrent(
+            cql.GET_SIGNALS, params, "read item signals", concurrency=SIGNAL_CHUNKS_IN_FLIGHT
+        )
+        for n, rows in enumerate(chunks):
             row = rows.one()
             if row is not None:
                 found[n] = row.blob
