@@ -63,6 +63,10 @@ class LineSet:
 
     def add(self, lines: Iterable[int]) -> None:
         """Add lines (in any order); runs of consecutive lines cost one merge each."""
+        if isinstance(lines, range) and lines.step == 1:
+            if len(lines):
+                self.add_range(lines.start, lines.stop - 1)
+            return
         ordered = sorted(set(lines))
         if not ordered:
             return

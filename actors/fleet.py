@@ -146,7 +146,9 @@ class Fleet:
         ``lines`` gives each event's line in its source (a file's line number; by
         default its index in the batch); shards remember applied (source, partition,
         line) for the dedup retention, so sending the same lines again, in any
-        batches, applies nothing twice."""
+        batches, applies nothing twice. A batch is a range of its source: no other
+        batch of the same source may hold a line between its first and last (each
+        partition records the whole range as applied)."""
         valid, errors = self.validate(events)
         if errors and all_or_nothing:
             raise InvalidEvents(errors)
@@ -156,6 +158,9 @@ class Fleet:
             raise ConfigError(f"{len(lines)} lines given for {len(events)} events")
         bad = {e["index"] for e in errors}
         valid_lines = [line for n, line in enumerate(lines) if n not in bad]
+        # The whole batch's range of lines (invalid ones included): each shard records
+        # it for its partitions, so consecutive batches of a file merge into one interval.
+        span = (min(lines), max(lines)) if len(lines) else None
         total = {"applied": 0, "duplicate": 0, "rejected": len(errors), "errors": errors}
         pending = self._split(valid, valid_lines)
         deadline = time.monotonic() + REROUTE_SECONDS
@@ -168,7 +173,7 @@ class Fleet:
             results = await asyncio.gather(
                 *(
                     self.shards[n].apply_batch.remote(
-                        source, pending[n][0], True, pending[n][1], self.fingerprint
+                        source, pending[n][0], True, pending[n][1], self.fingerprint, span
                     )
                     for n in names
                 ),

@@ -145,6 +145,7 @@ class ProfileShard:
         validated: bool = False,
         lines: list[int] | None = None,
         fingerprint: str | None = None,
+        span: tuple[int, int] | None = None,
     ) -> dict:
         """Journal then apply a batch; lines of ``source`` applied before (within the
         dedup retention) are acknowledged as duplicates."""
@@ -158,13 +159,13 @@ class ProfileShard:
                     f"than the sender ({fingerprint}): start every process of a deployment "
                     "with the same store and PERSONA_* profile settings"
                 )
-            return await self._apply_batch(source, events, validated, lines)
+            return await self._apply_batch(source, events, validated, lines, span)
         finally:
             self._pending_writes -= 1
 
-    async def _apply_batch(self, source: str, events, validated: bool, lines) -> dict:
+    async def _apply_batch(self, source: str, events, validated: bool, lines, span) -> dict:
         state = self.state
-        batch = state.check(events, lines, validated=validated)
+        batch = state.check(events, lines, validated=validated, span=span)
         users = batch.users()
         keys = list(state.dedup_keys(source, batch.events))
         # The batch's users and dedup entries are held against eviction from their

@@ -87,6 +87,10 @@ class CheckedBatch:
     events: list[ValidEvent]
     lines: list[int]
     errors: list[dict]
+    # The whole batch's lines, first to last, as its sender cut it: every event of a
+    # partition in that range is in this batch, so the range is what a partition
+    # records as applied (a file's consecutive batches then merge into one interval).
+    span: tuple[int, int] | None = None
 
     def users(self) -> list[str]:
         return list(dict.fromkeys(e[0] for e in self.events))
@@ -303,7 +307,7 @@ class ShardState:
         events = [tuple(e) for _, e in kept]
         self.check_trusted(events)
         self.apply_in_memory(events, seq)
-        self.record_lines(row.source, events, [line for line, _ in kept])
+        self.record_lines(row.source, events, [line for line, _ in kept], row.span)
 
     def quarantine(self, seq: int, blob: bytes, reason: str) -> None:
         log.error("%s: journal row %d quarantined: %s", self.name, seq, reason)
@@ -449,22 +453,35 @@ class ShardState:
         self.item_vectors.update((i, v) for i, v in vectors.items() if v is not None)
 
     # --- applying ---
-    def check(self, events, lines: Sequence[int] | None, *, validated: bool) -> CheckedBatch:
+    def check(
+        self,
+        events,
+        lines: Sequence[int] | None,
+        *,
+        validated: bool,
+        span: Sequence[int] | None = None,
+    ) -> CheckedBatch:
         """Validate a batch (or check a pre-validated one against this shard's rules)
         and pair each valid event with its line (default: its index)."""
         if lines is not None and len(lines) != len(events):
             raise ConfigError(f"{len(lines)} lines for {len(events)} events")
         if lines is None:
             lines = range(len(events))
+        if span is None and len(lines):
+            span = (min(lines), max(lines))
+        elif span is not None:
+            span = (int(span[0]), int(span[1]))
+            if len(lines) and not span[0] <= min(lines) <= max(lines) <= span[1]:
+                raise ConfigError(f"lines outside their batch's span {span}")
         if validated:
             valid = [tuple(e) for e in events]
             self.check_trusted(valid)
-            return CheckedBatch(valid, list(lines), [])
+            return CheckedBatch(valid, list(lines), [], span)
         valid, errors = self.validator.validate(events)
         self.totals["rejected"] += len(errors)
         bad = {e["index"] for e in errors}
         kept = [line for n, line in enumerate(lines) if n not in bad]
-        return CheckedBatch(valid, kept, errors)
+        return CheckedBatch(valid, kept, errors, span)
 
     def check_trusted(self, events: Sequence[Sequence]) -> None:
         """Refuse pre-validated events this shard's rules cannot apply (a fleet started
@@ -482,11 +499,20 @@ class ShardState:
         partition = self.partition
         return {dedup_key(p, source): p for p in {partition(e[0]) for e in events}}
 
-    def record_lines(self, source: str, events: Sequence[Sequence], lines: Sequence[int]) -> None:
+    def record_lines(
+        self,
+        source: str,
+        events: Sequence[Sequence],
+        lines: Sequence[int],
+        span: Sequence[int] | None = None,
+    ) -> None:
         by_key: dict[str, tuple[int, list[int]]] = {}
         for event, line in zip(events, lines, strict=True):
             partition = self.partition(event[0])
             by_key.setdefault(dedup_key(partition, source), (partition, []))[1].append(line)
+        if span is not None:
+            whole = range(span[0], span[1] + 1)
+            by_key = {key: (partition, whole) for key, (partition, _) in by_key.items()}
         # An entry is only ever extended after it was read from the store: one built
         # from these lines alone would overwrite the source's history when written.
         unknown = self.dedup.unknown(by_key)
@@ -548,13 +574,19 @@ class ShardState:
         if not events:
             return ack
         users = {e[0]: partition_of_user[e[0]] for e in events}
-        keys: dict[str, tuple[int, list[int]]] = {}
+        keys: dict[str, tuple[int, Sequence[int]]] = {}
         for event, line in zip(events, lines, strict=True):
             partition = users[event[0]]
             keys.setdefault(dedup_key(partition, source), (partition, []))[1].append(line)
+        if batch.span is not None:
+            whole = range(batch.span[0], batch.span[1] + 1)
+            keys = {key: (partition, whole) for key, (partition, _) in keys.items()}
         partitions = sorted(set(users.values()))
         fence = {p: self.owned[p] for p in partitions}
-        blob = codec.encode({"source": source, "events": events, "lines": lines, "fence": fence})
+        row = {"source": source, "events": events, "lines": lines, "fence": fence}
+        if batch.span is not None:
+            row["span"] = list(batch.span)
+        blob = codec.encode(row)
         seq = self.last_seq + 1
         return PreparedBatch(source, seq, events, lines, users, keys, blob, fence, ack)
 
@@ -814,6 +846,7 @@ class JournalRow:
     deleted: str | None = None
     deleted_at: float = 0.0
     released: dict[int, int] | None = None  # a hand-over's seal: partition -> epoch
+    span: tuple[int, int] | None = None
 
 
 def journal_row(row: dict) -> JournalRow:
@@ -827,6 +860,11 @@ def journal_row(row: dict) -> JournalRow:
         return JournalRow(deleted=row["delete"], deleted_at=row.get("at", 0.0), fence=fence)
     events = row["events"]
     lines = row.get("lines") or list(range(len(events)))
+    span = tuple(row["span"]) if row.get("span") else None
     return JournalRow(
-        source=row.get("source") or row["batch_id"], events=events, lines=lines, fence=fence
+        source=row.get("source") or row["batch_id"],
+        events=events,
+        lines=lines,
+        fence=fence,
+        span=span,
     )

@@ -556,3 +556,28 @@ def test_dedup_entries_of_a_batch_in_flight_stay_while_others_churn_the_memory(s
     assert first["applied"] == 1
     assert (retry["applied"], retry["duplicate"]) == (0, 1)
     assert held == 1
+
+
+def test_a_file_ingested_in_batches_is_one_interval_per_partition(settings):
+    lines = [event(f"user-{n % 40}", f"i{n}", NOW - 3000 + n) for n in range(2000)]
+
+    async def scenario():
+        node = shard(settings)
+        for at in range(0, 2000, 50):
+            await node.apply_batch("big-file", lines[at : at + 50], False, list(range(at, at + 50)))
+        entries = {
+            key: entry.intervals()
+            for key, entry in node.state.dedup.entries.items()
+            if key.endswith("/big-file")
+        }
+        rerun = {"applied": 0, "duplicate": 0}
+        for at in range(0, 2000, 333):
+            part = lines[at : at + 333]
+            ack = await node.apply_batch("big-file", part, False, list(range(at, at + len(part))))
+            rerun["applied"] += ack["applied"]
+            rerun["duplicate"] += ack["duplicate"]
+        return entries, rerun
+
+    entries, rerun = asyncio.run(scenario())
+    assert len(entries) == P and set(map(tuple, entries.values())) == {((0, 1999),)}
+    assert rerun == {"applied": 0, "duplicate": 2000}
