@@ -7,9 +7,9 @@ the client) and the event's index in the request. Remembering lines rather than
 batch ids is what makes a rerun exact whatever batch size it uses: a file ingested
 with --batch 7 and rerun with --batch 3 sends other batches but the same lines.
 
-A request's indexes are one interval. A file's lines spread over the partitions, so
-a partition's entry of a file holds about one interval per line it received. The
-index keeps recently used entries
+A partition records each batch's whole line span (every event of the partition in
+that span is in the batch), so a request is one interval, and so is a file ingested
+in batches, in each partition. The index keeps recently used entries
 in memory (LRU over clean entries); entries changed since the last checkpoint are
 written to the store with the checkpoint, and entries not in memory are read from
 the store, so memory stays bounded whatever the traffic, and a partition's memory
