@@ -311,7 +311,10 @@ class PersonaFleet:
         from serving.app import build_app
 
         port = port or _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": port},
+            logging_config={"log_level": "WARNING", "enable_access_log": False},
+        )
         name = f"persona-evaluate-{uuid.uuid4().hex[:8]}"
         overrides = {
             "store_url": self.settings.resolved_store_url(),
@@ -433,10 +436,8 @@ def evaluate(
     base = settings or load_settings()
     events = _shift_to_now(dataset.events)
     test = split(events, holdout, dataset.is_relevant)
-    evaluated = sorted(test.relevant)
-    if users:
-        random.Random(seed).shuffle(evaluated)
-        evaluated = sorted(evaluated[:users])
+    evaluated = _sample(test.relevant, users, seed)
+    test_relevant = {u: test.relevant[u] for u in evaluated}
     catalog_size = len(dataset.items) or len({e["item_id"] for e in events})
     k = max(KS)
     result: dict = {
@@ -453,7 +454,8 @@ def evaluate(
     try:
         if tune:
             valid = split(test.train, holdout, dataset.is_relevant)
-            valid_users = sorted(valid.relevant)
+            valid_users = _sample(valid.relevant, users, seed)
+            valid.relevant = {u: valid.relevant[u] for u in valid_users}
             log(f"validation: {len(valid.train):,} training events, {len(valid_users)} users")
             table: dict[str, dict] = {}
             fleet = PersonaFleet(_private_settings(base), dataset, valid.train)
@@ -500,20 +502,19 @@ def evaluate(
         table = {}
         fleet = PersonaFleet(_private_settings(base), dataset, test.train)
         try:
-            table["persona"] = score(fleet.recommend(evaluated, k), test.relevant, catalog_size)
+            table["persona"] = score(fleet.recommend(evaluated, k), test_relevant, catalog_size)
             if chosen_blend is not None:
                 table["persona-tuned"] = score(
-                    fleet.recommend(evaluated, k, chosen_blend), test.relevant, catalog_size
+                    fleet.recommend(evaluated, k, chosen_blend), test_relevant, catalog_size
                 )
             if http:
                 table["persona-http"] = score(
                     fleet.recommend_over_http(evaluated, k, http_port),
-                    test.relevant,
+                    test_relevant,
                     catalog_size,
                 )
         finally:
             fleet.close()
-        test_relevant = {u: test.relevant[u] for u in evaluated}
         table.update(
             _baselines(
                 test, evaluated, k, catalog_size, base, baselines, als_factors, test_relevant
@@ -529,6 +530,15 @@ def evaluate(
     )
     result["date"] = time.strftime("%Y-%m-%d")
     return result
+
+
+def _sample(relevant: Mapping[str, set[str]], users: int | None, seed: int) -> list[str]:
+    """All evaluated users, or a seeded sample of ``users`` of them."""
+    chosen = sorted(relevant)
+    if users:
+        random.Random(seed).shuffle(chosen)
+        chosen = sorted(chosen[:users])
+    return chosen
 
 
 def _baselines(
@@ -591,6 +601,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--no-als", action="store_true", help="leave out the ALS baseline (needs `implicit`)"
     )
     parser.add_argument("--json", type=Path, help="write the result here as JSON")
+    parser.add_argument(
+        "--k", type=int, default=10, choices=KS, help="K of the summary line (and JSON keys)"
+    )
     return parser
 
 
@@ -627,16 +640,20 @@ def run(args: argparse.Namespace) -> int:
         if part in result:
             print(f"\n{part} ({result.get(part + '_users', result['users_evaluated'])} users)")
             print(markdown(result[part]))
-    test = result["test"]
+    test, k = result["test"], args.k
+    recall = f"recall@{k}"
     for name in ("persona", "persona-tuned", "persona-http"):
         if name in test:
-            print(
-                f"{name}: Recall@10 {test[name]['recall@10']:.4f} = "
-                f"{test[name]['recall@10'] / max(test['popularity']['recall@10'], 1e-12):.2f}x "
-                f"popularity, "
-                f"{test[name]['recall@10'] / max(test['item-knn']['recall@10'], 1e-12):.2f}x "
-                "item-kNN"
+            ratios = ", ".join(
+                f"{test[name][recall] / max(test[base][recall], 1e-12):.2f}x {base}"
+                for base in ("popularity", "item-knn")
+                if base in test
             )
+            print(f"{name}: Recall@{k} {test[name][recall]:.4f} = {ratios}")
+    # The summary at --k under the keys bench/run_all.py reads.
+    for name in ("persona", "popularity"):
+        result[name] = {m: test[name][f"{m}@{k}"] for m in ("recall", "ndcg", "mrr", "coverage")}
+    result["k"] = k
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
