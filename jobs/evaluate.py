@@ -436,95 +436,41 @@ def evaluate(
     base = settings or load_settings()
     events = _shift_to_now(dataset.events)
     test = split(events, holdout, dataset.is_relevant)
-    evaluated = _sample(test.relevant, users, seed)
-    test_relevant = {u: test.relevant[u] for u in evaluated}
     catalog_size = len(dataset.items) or len({e["item_id"] for e in events})
-    k = max(KS)
-    result: dict = {
-        "dataset": dataset.name,
-        "holdout": holdout,
-        "events": len(events),
-        "train_events": len(test.train),
-        "users_evaluated": len(evaluated),
-        "catalog": catalog_size,
-    }
-    chosen_blend = None
-    als_factors = 64
+    result: dict = {"dataset": dataset.name, "holdout": holdout, "events": len(events)}
     started = _start_ray(base.namespace)
     try:
+        blend, factors = None, 64
         if tune:
-            valid = split(test.train, holdout, dataset.is_relevant)
-            valid_users = _sample(valid.relevant, users, seed)
-            valid.relevant = {u: valid.relevant[u] for u in valid_users}
-            log(f"validation: {len(valid.train):,} training events, {len(valid_users)} users")
-            table: dict[str, dict] = {}
-            fleet = PersonaFleet(_private_settings(base), dataset, valid.train)
-            try:
-                table["persona"] = score(
-                    fleet.recommend(valid_users, k), valid.relevant, catalog_size
-                )
-
-                def recall(blend: dict[str, float]) -> float:
-                    ranked = fleet.recommend(valid_users, 10, blend)
-                    return score(ranked, valid.relevant, catalog_size, (10,))["recall@10"]
-
-                start = {"co": 1.0, "topic": 0.0, "embedding": 0.0, "trending": 0.0}
-                chosen_blend, _ = tune_blend(
-                    recall, ("popular", "topic", "embedding", "trending", "hidden"), start
-                )
-                log(f"blend chosen on validation: {chosen_blend}")
-                table["persona-tuned"] = score(
-                    fleet.recommend(valid_users, k, chosen_blend), valid.relevant, catalog_size
-                )
-            finally:
-                fleet.close()
-            table.update(_baselines(valid, valid_users, k, catalog_size, base, baselines, None))
-            if "als" in baselines:
-                als_factors = max(
-                    (32, 64, 128),
-                    key=lambda f: score(
-                        als(valid.train, valid_users, valid.seen, k, weights=base.action_weights,
-                            factors=f, seed=seed),
-                        valid.relevant,
-                        catalog_size,
-                    )["recall@10"],
-                )  # fmt: skip
-                table["als"] = score(
-                    als(valid.train, valid_users, valid.seen, k, weights=base.action_weights,
-                        factors=als_factors, seed=seed),
-                    valid.relevant,
-                    catalog_size,
-                )  # fmt: skip
-            result["validation"] = table
-            result["validation_users"] = len(valid_users)
-            result["chosen"] = {"blend": chosen_blend, "als_factors": als_factors}
-        log(f"test: {len(test.train):,} training events, {len(evaluated)} users")
+            valid = _sample(split(test.train, holdout, dataset.is_relevant), users, seed)
+            log(f"validation: {len(valid.train):,} training events, {len(valid.relevant)} users")
+            table, blend, factors = _tune(valid, dataset, base, catalog_size, baselines, seed)
+            log(f"chosen on validation: blend {blend}, ALS factors {factors}")
+            result.update(
+                validation=table,
+                validation_users=len(valid.relevant),
+                chosen={"blend": blend, "als_factors": factors},
+            )
+        test = _sample(test, users, seed)
+        log(f"test: {len(test.train):,} training events, {len(test.relevant)} users")
         table = {}
         fleet = PersonaFleet(_private_settings(base), dataset, test.train)
         try:
-            table["persona"] = score(fleet.recommend(evaluated, k), test_relevant, catalog_size)
-            if chosen_blend is not None:
-                table["persona-tuned"] = score(
-                    fleet.recommend(evaluated, k, chosen_blend), test_relevant, catalog_size
-                )
+            table["persona"] = _score_persona(fleet, test, catalog_size)
+            if blend is not None:
+                table["persona-tuned"] = _score_persona(fleet, test, catalog_size, blend)
             if http:
-                table["persona-http"] = score(
-                    fleet.recommend_over_http(evaluated, k, http_port),
-                    test_relevant,
-                    catalog_size,
-                )
+                ranked = fleet.recommend_over_http(sorted(test.relevant), max(KS), http_port)
+                table["persona-http"] = score(ranked, test.relevant, catalog_size)
         finally:
             fleet.close()
-        table.update(
-            _baselines(
-                test, evaluated, k, catalog_size, base, baselines, als_factors, test_relevant
-            )
-        )
-        result["test"] = table
+        table.update(_baselines(test, catalog_size, base, baselines, factors, seed))
+        result.update(test=table, train_events=len(test.train), users_evaluated=len(test.relevant))
     finally:
         if started:
             ray.shutdown()
     result["variants"] = {n: v["blend"] for n, v in base.experiments.items()}
+    result["catalog"] = catalog_size
     result["machine"] = (
         f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
@@ -532,37 +478,82 @@ def evaluate(
     return result
 
 
-def _sample(relevant: Mapping[str, set[str]], users: int | None, seed: int) -> list[str]:
-    """All evaluated users, or a seeded sample of ``users`` of them."""
-    chosen = sorted(relevant)
-    if users:
-        random.Random(seed).shuffle(chosen)
-        chosen = sorted(chosen[:users])
-    return chosen
+def _tune(
+    valid: Split,
+    dataset: Dataset,
+    settings: Settings,
+    catalog_size: int,
+    baselines: Sequence[str],
+    seed: int,
+) -> tuple[dict[str, dict], dict[str, float], int]:
+    """The validation table, the blend chosen for Persona and the factors for ALS."""
+    table: dict[str, dict] = {}
+    fleet = PersonaFleet(_private_settings(settings), dataset, valid.train)
+    try:
+        table["persona"] = _score_persona(fleet, valid, catalog_size)
+        users = sorted(valid.relevant)
+
+        def recall(blend: dict[str, float]) -> float:
+            ranked = fleet.recommend(users, 10, blend)
+            return score(ranked, valid.relevant, catalog_size, (10,))["recall@10"]
+
+        sources = ("popular", "topic", "embedding", "trending", "hidden")
+        blend, _ = tune_blend(recall, sources, {"co": 1.0})
+        table["persona-tuned"] = _score_persona(fleet, valid, catalog_size, blend)
+    finally:
+        fleet.close()
+    factors = 64
+    if "als" in baselines:  # the baseline gets its own choice on validation, too
+
+        def als_recall(factors: int) -> float:
+            ranked = _baselines(valid, catalog_size, settings, ["als"], factors, seed)
+            return ranked["als"]["recall@10"]
+
+        factors = max((32, 64, 128), key=als_recall)
+    table.update(_baselines(valid, catalog_size, settings, baselines, factors, seed))
+    return table, blend, factors
+
+
+def _score_persona(
+    fleet: PersonaFleet, data: Split, catalog_size: int, blend: dict | None = None
+) -> dict[str, float]:
+    ranked = fleet.recommend(sorted(data.relevant), max(KS), blend)
+    return score(ranked, data.relevant, catalog_size)
+
+
+def _sample(data: Split, users: int | None, seed: int) -> Split:
+    """The split for all its evaluated users, or for a seeded sample of ``users``."""
+    if not users:
+        return data
+    chosen = sorted(data.relevant)
+    random.Random(seed).shuffle(chosen)
+    chosen = chosen[:users]
+    return Split(
+        data.train, {u: data.relevant[u] for u in chosen}, {u: data.seen[u] for u in chosen}
+    )
 
 
 def _baselines(
     data: Split,
-    users: list[str],
-    k: int,
     catalog_size: int,
     settings: Settings,
     names: Sequence[str],
-    als_factors: int | None,
-    relevant: Mapping[str, set[str]] | None = None,
+    als_factors: int,
+    seed: int,
 ) -> dict[str, dict]:
-    relevant = relevant if relevant is not None else data.relevant
-    table = {}
+    users, k, table = sorted(data.relevant), max(KS), {}
     if "popularity" in names:
-        table["popularity"] = score(
-            popularity(data.train, users, data.seen, k), relevant, catalog_size
-        )
+        ranked = popularity(data.train, users, data.seen, k)
+        table["popularity"] = score(ranked, data.relevant, catalog_size)
     if "item-knn" in names:
-        table["item-knn"] = score(item_knn(data.train, users, data.seen, k), relevant, catalog_size)
-    if "als" in names and als_factors is not None:
-        ranked = als(data.train, users, data.seen, k, weights=settings.action_weights,
-                     factors=als_factors)  # fmt: skip
-        table["als"] = score(ranked, relevant, catalog_size)
+        ranked = item_knn(data.train, users, data.seen, k)
+        table["item-knn"] = score(ranked, data.relevant, catalog_size)
+    if "als" in names:
+        ranked = als(
+            data.train, users, data.seen, k, weights=settings.action_weights,
+            factors=als_factors, seed=seed,
+        )  # fmt: skip
+        table["als"] = score(ranked, data.relevant, catalog_size)
     return table
 
 
