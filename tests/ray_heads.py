@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +23,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# A driver that starts the HTTP API on a head (the app's builder starts the fleet),
+# with the PERSONA_* settings of its environment; prints the port as JSON.
+START_API = textwrap.dedent(
+    """
+    import json, ray
+    from ray import serve
+    from persona.settings import load_settings
+    from serving.app import build_app
+    settings = load_settings()
+    ray.init(address="auto", namespace=settings.namespace, logging_level="error")
+    serve.start(http_options={"host": "127.0.0.1", "port": settings.http_port})
+    serve.run(build_app(settings), name="persona", route_prefix="/")
+    print(json.dumps({"port": settings.http_port}))
+    """
+)
 
 
 class Head:

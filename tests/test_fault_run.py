@@ -46,7 +46,7 @@ from actors.profile import ProfileRules
 from persona.settings import PROJECT_ROOT, load_settings
 from serving.views import profile_view
 from storage.cassandra_local import LocalNode
-from tests.ray_heads import Head, free_port
+from tests.ray_heads import START_API, Head, free_port
 from tests.test_shards import make_batch, reference_profiles
 
 USERS = 300
@@ -99,22 +99,6 @@ def cluster(tmp_path_factory, tmp_path):
         starting.join(300)  # a start still under way has written its pid file by then
         node.stop()
 
-
-START_API = textwrap.dedent(
-    """
-    import json, ray
-    from ray import serve
-    from actors.fleet import Fleet
-    from persona.settings import load_settings
-    from serving.app import build_app
-    settings = load_settings()
-    ray.init(address="auto", namespace=settings.namespace, logging_level="error")
-    Fleet.start(settings)
-    serve.start(http_options={"host": "127.0.0.1", "port": settings.http_port})
-    serve.run(build_app(), name="persona", route_prefix="/")
-    print(json.dumps({"port": settings.http_port}))
-    """
-)
 
 # SIGKILL every shard's process, then wait until each answers from a new one.
 KILL_SHARDS = textwrap.dedent(

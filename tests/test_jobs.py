@@ -25,7 +25,7 @@ from actors.events import EventValidator
 from jobs import ingest
 from persona.errors import StoreUnavailable
 from persona.settings import PROJECT_ROOT
-from tests.ray_heads import Head, free_port
+from tests.ray_heads import START_API, Head, free_port
 
 NOW = time.time()
 
@@ -303,22 +303,6 @@ def head(tmp_path_factory):
     yield cluster
     cluster.stop()
 
-
-START_API = textwrap.dedent(
-    """
-    import json, ray
-    from ray import serve
-    from actors.fleet import Fleet
-    from persona.settings import load_settings
-    from serving.app import build_app
-    settings = load_settings()
-    ray.init(address="auto", namespace=settings.namespace, logging_level="error")
-    Fleet.start(settings)
-    serve.start(http_options={"host": "127.0.0.1", "port": settings.http_port})
-    serve.run(build_app(), name="persona", route_prefix="/")
-    print(json.dumps({"port": settings.http_port}))
-    """
-)
 
 PROFILE_COUNTS = textwrap.dedent(
     """
