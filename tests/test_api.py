@@ -556,6 +556,6 @@ def test_an_ingress_replica_joins_a_fleet_and_never_starts_one(tmp_path):
     settings = load_settings(store_url=f"sqlite:///{tmp_path}/persona.db", partitions=4)
     replica_class = Ingress.func_or_class.__mro__[1]  # our class under Serve's ASGI wrapper
     with pytest.raises(ConfigError, match="start the fleet first"):
-        replica_class(dataclasses.asdict(settings), "")
+        replica_class(dataclasses.asdict(settings), {})
     with open_store(settings=settings) as store:
         assert store.get_assignments() == {}
