@@ -565,10 +565,10 @@ class FaultRun:
         refused_before = posters.refusals()
         self.store_up.clear()
         self.node.stop()
-        deadline = time.monotonic() + 60
-        while posters.refusals() == refused_before:
-            assert time.monotonic() < deadline, "no client noticed the outage"
+        deadline = time.monotonic() + 60  # a bound on the wait, not a speed check
+        while posters.refusals() == refused_before and time.monotonic() < deadline:
             time.sleep(0.2)
+        assert posters.refusals() > refused_before, "no client noticed the outage"
         ready = api.get("/readyz", timeout=30)
         assert ready.status_code == 503 and ready.json()["store"].startswith("down"), ready.text
         self.mark("store stopped")
