@@ -122,14 +122,16 @@ class Head:
         return json.loads(lines[-1])
 
     def stop(self) -> None:
-        marker = self.temp_dir.encode()
+        # Ray's client server carries the head's address, not its temp dir.
+        markers = (self.temp_dir.encode(), f":{self.port} ".encode(), f":{self.port}\0".encode())
         for _ in range(3):
             found = False
             for proc in Path("/proc").iterdir():
                 if not proc.name.isdigit():
                     continue
                 try:
-                    if marker in (proc / "cmdline").read_bytes():
+                    cmdline = (proc / "cmdline").read_bytes()
+                    if any(m in cmdline for m in markers) and b"ray" in cmdline:
                         os.kill(int(proc.name), signal.SIGKILL)
                         found = True
                 except (OSError, ProcessLookupError):
