@@ -167,18 +167,18 @@ class ProfileShard:
         state = self.state
         batch = state.check(events, lines, validated=validated, span=span)
         users = batch.users()
-        keys = list(state.dedup_keys(source, batch.events))
+        keys = state.dedup_keys(source, batch.events)  # computed once per batch
         # The batch's users and dedup entries are held against eviction from their
         # first load until the batch is applied (or refused).
         state.pin(users)
-        state.dedup.pin(keys)
+        state.dedup.pin(list(keys))
         try:
-            looked_up = await self._prefetch(source, batch) if validated else None
+            looked_up = await self._prefetch(batch, keys) if validated else None
             async with self._write_lock:
-                ack = await self._apply_locked(source, batch, looked_up)
+                ack = await self._apply_locked(source, batch, keys, looked_up)
         finally:
             state.unpin(users)
-            state.dedup.unpin(keys)
+            state.dedup.unpin(list(keys))
         await self._passivate()
         if (
             state.table.dirty_count() >= self.settings.checkpoint_dirty_threshold
@@ -187,12 +187,12 @@ class ProfileShard:
             asyncio.get_running_loop().create_task(self._checkpoint_quietly())
         return ack.as_dict()
 
-    async def _apply_locked(self, source, batch, looked_up: Prefetched | None) -> Ack:
+    async def _apply_locked(self, source, batch, keys, looked_up: Prefetched | None) -> Ack:
         state = self.state
         adopted = False
         for attempt in range(3):
             await self._load_for(batch, looked_up)
-            await state.load_dedup(state.dedup_keys(source, batch.events))
+            await state.load_dedup(keys)
             try:
                 prepared = state.prepare(source, batch)
             except StaleEpoch:
@@ -238,7 +238,7 @@ class ProfileShard:
         await state.load(users)
         await state.load_item_vectors(e[1] for e in batch.events)
 
-    async def _prefetch(self, source: str, batch) -> Prefetched:
+    async def _prefetch(self, batch, keys: dict[str, int]) -> Prefetched:
         """Before queueing for the write lock, read what a pre-validated batch needs
         from the store (users, dedup entries, item vectors), so that the next batch's
         reads overlap this one's journal append. Whatever is still missing under the
@@ -247,7 +247,7 @@ class ProfileShard:
         epochs, evicted = dict(state.owned), state.totals["evicted"]
         users = [u for u in batch.users() if state.partition(u) in epochs]
         absent = await state.load(users)
-        await state.load_dedup(state.dedup_keys(source, batch.events))
+        await state.load_dedup(keys)
         await state.load_item_vectors(e[1] for e in batch.events)
         return Prefetched(absent=set(absent), epochs=epochs, evicted=evicted)
 
