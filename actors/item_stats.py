@@ -21,10 +21,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from actors.profile import ProfileRules
+from actors.profile import EXP_FLOOR, REBASE_EXPONENT, ProfileRules
 from persona.settings import Settings
 
-REBASE_EXPONENT = 200.0
 # Items kept in a snapshot's trending list (the long tail adds nothing to rankings).
 SNAPSHOT_TRENDING = 5_000
 # Column-wise updates are buffered and folded into the dicts past this many entries.
@@ -98,10 +97,10 @@ class ItemStats:
                 trending, counts, age = self.trending, self.counts, 0.0
             exponent = self.trend_rate * age
             trending[item] = trending.get(item, 0.0) + weight * exp(
-                exponent if exponent > -745.0 else -745.0
+                exponent if exponent > EXP_FLOOR else EXP_FLOOR
             )
             exponent = self.pair_rate * age
-            pair_weight = exp(exponent if exponent > -745.0 else -745.0)
+            pair_weight = exp(exponent if exponent > EXP_FLOOR else EXP_FLOOR)
             counts[item] = counts.get(item, 0.0) + pair_weight
             for before in context:
                 other = before[1]
@@ -142,8 +141,8 @@ class ItemStats:
         if self.fastest_rate * (newest - self.t0) > REBASE_EXPONENT:
             self._rebase(newest)
         age = ts - self.t0
-        trend = weights * np.exp(np.maximum(self.trend_rate * age, -745.0))
-        count = np.exp(np.maximum(self.pair_rate * age, -745.0))
+        trend = weights * np.exp(np.maximum(self.trend_rate * age, EXP_FLOOR))
+        count = np.exp(np.maximum(self.pair_rate * age, EXP_FLOOR))
         self._pending_trend.append((items, trend, count))
         sources, targets, ages = [], [], []
         single = np.bincount(users)[users] == 1
@@ -165,7 +164,7 @@ class ItemStats:
             )  # fmt: skip
         source, target = np.concatenate(sources), np.concatenate(targets)
         if len(source):
-            pair = np.exp(np.maximum(self.pair_rate * np.concatenate(ages), -745.0))
+            pair = np.exp(np.maximum(self.pair_rate * np.concatenate(ages), EXP_FLOOR))
             self._pending_pairs.append((source, target, pair))
             self._pending_pairs.append((target, source, pair))
         self._pending += len(items) + 2 * len(source)
@@ -314,8 +313,8 @@ class ItemStats:
         self.flush()
         if self.t0 is None:
             return {"trending": {}, "counts": {}, "graph": {}}
-        trend = math.exp(max(-745.0, -self.trend_rate * (now - self.t0)))
-        pair = math.exp(max(-745.0, -self.pair_rate * (now - self.t0)))
+        trend = math.exp(max(EXP_FLOOR, -self.trend_rate * (now - self.t0)))
+        pair = math.exp(max(EXP_FLOOR, -self.pair_rate * (now - self.t0)))
         top = heapq.nlargest(SNAPSHOT_TRENDING, self.trending.items(), key=_score)
         similar = self._most_similar
         return {

@@ -27,9 +27,15 @@ from persona.settings import Settings
 STORED_SCALARS = np.dtype(
     [("f", "<f8"), ("l", "<f8"), ("t0", "<f8"), ("n", "<i8"), ("v", "<i8"), ("p", "<i8")]
 )
+# Forward decay's two limits, shared by this reference, the shards' column-wise fast
+# path (actors/profile_table.py) and the item signals (actors/item_stats.py), which must
+# all compute the same numbers:
 # Rebase when rate*(t - t0) exceeds this: e^200 ~ 7e86 stays far from float overflow
 # (e^709), and scores older than e^-200 relative to new ones are truly negligible.
 REBASE_EXPONENT = 200.0
+# The exponent floor of every exp(): exp(-745) is the smallest (subnormal) double, so
+# anything lower is 0 anyway; the floor keeps the reference and numpy bit-for-bit equal.
+EXP_FLOOR = -745.0
 HIDE = "hide"
 
 
@@ -108,7 +114,7 @@ class Profile:
         """exp(-rate*(at - t0)) in a form that underflows only for display, never for order."""
         if self.t0 is None:
             return 0.0
-        return math.exp(max(-745.0, -rate * (at - self.t0)))
+        return math.exp(max(EXP_FLOOR, -rate * (at - self.t0)))
 
     def ranked_topics(self) -> list[tuple[str, float]]:
         """Topics by stored score, best first; ties by name, so the order is deterministic."""
@@ -240,7 +246,7 @@ def apply_events(
         if exponent > REBASE_EXPONENT:
             profile.rebase(rate, ts)
             topics, t0, exponent = profile.topics, ts, 0.0
-        contribution = weights[code] * weight * exp(exponent if exponent > -745.0 else -745.0)
+        contribution = weights[code] * weight * exp(exponent if exponent > EXP_FLOOR else EXP_FLOOR)
         for topic in event_topics:
             topics[topic] = topics.get(topic, 0.0) + contribution
         entry = (ts, item, code)

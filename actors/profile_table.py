@@ -29,6 +29,7 @@ import numpy as np
 
 from actors.item_stats import CONTEXT
 from actors.profile import (
+    EXP_FLOOR,
     HIDE,
     REBASE_EXPONENT,
     STORED_SCALARS,
@@ -38,8 +39,6 @@ from actors.profile import (
 )
 from storage import codec
 
-# The exponent floor every reference computation uses (exp(-745) is the smallest double).
-EXP_FLOOR = -745.0
 # The per-row arrays (a row's whole state apart from its rare hidden items and embedding).
 ARRAYS = (
     "counts", "first_seen", "last_seen", "t0", "events", "version", "position", "journal",
