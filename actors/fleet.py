@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 import ray
 
 from actors.events import EventValidator, ValidEvent
-from actors.profile import ProfileRules
+from actors.profile import ProfileRules, ProfileView
 from actors.routing import (
     group_users,
     initial_assignment,
@@ -211,9 +211,10 @@ class Fleet:
         return _run(self.apply_async(source, events, lines=lines))
 
     # --- reads ---
-    async def get_profiles_async(self, user_ids: Iterable[str]) -> dict[str, dict]:
+    async def get_profiles_async(self, user_ids: Iterable[str]) -> dict[str, ProfileView]:
+        """The profiles of the users that exist (absent users are left out)."""
         wanted = list(dict.fromkeys(user_ids))
-        merged: dict[str, dict] = {}
+        merged: dict[str, ProfileView] = {}
         deadline = time.monotonic() + REROUTE_SECONDS
         attempt = 0
         while wanted:
@@ -237,7 +238,7 @@ class Fleet:
                 await self._before_reroute(attempt, deadline, "reading")
         return merged
 
-    def get_profiles(self, user_ids: Iterable[str]) -> dict[str, dict]:
+    def get_profiles(self, user_ids: Iterable[str]) -> dict[str, ProfileView]:
         return _run(self.get_profiles_async(user_ids))
 
     def owner_of(self, user_id: str) -> ray.actor.ActorHandle:

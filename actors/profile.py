@@ -17,6 +17,7 @@ import sys
 from bisect import insort
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter, itemgetter
 
 import numpy as np
 
@@ -71,6 +72,47 @@ class ProfileRules:
         return self.codes[action]
 
 
+@dataclass(frozen=True, slots=True)
+class ProfileView:
+    """One user's profile as it is read: what shards return for reads and what the API
+    views, ranking, export and jobs read, by field name. Built in one place,
+    ``Profile.view``; the stored record's compact keys stay in the store.
+
+    Plain values only (str, numbers, tuples, a dict, a frozenset), so it pickles across
+    Ray about as cheaply as the dict it replaces (``__reduce__`` below)."""
+
+    user_id: str
+    version: int  # applied batches
+    events: int
+    counters: dict[str, int]  # events per action name, non-zero ones, in config order
+    first_seen: float | None  # event time; None before any event
+    last_seen: float | None
+    t0: float | None  # the forward-decay reference time of the topic scores
+    topics: tuple[tuple[str, float], ...]  # (topic, stored score), best first, ties by name
+    recent: tuple[tuple[float, str, str], ...]  # (ts, item_id, action), newest first
+    hidden: frozenset[str]  # item ids the user hid
+    interest_vector: tuple[float, ...] | None  # decayed mean of engaged items' embeddings
+
+    def __reduce__(self):
+        # The fields as one tuple and the class's own __init__: unpickling a slotted,
+        # frozen dataclass otherwise runs dataclasses' Python __setstate__ per object.
+        return ProfileView, _VIEW_FIELDS(self)
+
+    def decay_factor(self, rate: float, at: float) -> float:
+        """exp(-rate*(at - t0)): stored scores times this are the scores at ``at``."""
+        if self.t0 is None:
+            return 0.0
+        return math.exp(max(EXP_FLOOR, -rate * (at - self.t0)))
+
+    def interests_at(self, rules: ProfileRules, at: float) -> list[tuple[str, float]]:
+        """Topics decayed to ``at``, in the stored scores' order."""
+        factor = self.decay_factor(rules.rate, at)
+        return [(topic, score * factor) for topic, score in self.topics]
+
+
+_VIEW_FIELDS = attrgetter(*ProfileView.__slots__)
+
+
 class Profile:
     """One user's bounded state. Mutated only through apply_events (and rebase)."""
 
@@ -118,7 +160,14 @@ class Profile:
 
     def ranked_topics(self) -> list[tuple[str, float]]:
         """Topics by stored score, best first; ties by name, so the order is deterministic."""
-        return sorted(self.topics.items(), key=lambda kv: (-kv[1], kv[0]))
+        # Every profile read ranks its topics, so no Python key function: sort by score,
+        # and only when two scores are equal (rare for sums of decayed weights) sort by
+        # name first (a reverse sort is stable, so ties keep that order).
+        ranked = sorted(self.topics.items(), key=itemgetter(1), reverse=True)
+        if len(set(self.topics.values())) < len(ranked):
+            ranked.sort(key=itemgetter(0))
+            ranked.sort(key=itemgetter(1), reverse=True)
+        return ranked
 
     def interests_at(self, rules: ProfileRules, at: float) -> list[tuple[str, float]]:
         factor = self.decay_factor(rules.rate, at)
@@ -150,6 +199,24 @@ class Profile:
             newest = sorted(self.hidden.items(), key=lambda kv: (-kv[1], kv[0]))
             self.hidden = dict(newest[: rules.hidden_n])
 
+    def view(self, rules: ProfileRules) -> ProfileView:
+        """The read-only view readers get (the only place one is built)."""
+        actions = rules.actions
+        vector = self.interest_vector()
+        return ProfileView(
+            self.user_id,
+            self.version,
+            self.events,
+            {a: n for a, n in zip(actions, self.counts, strict=True) if n},
+            self.first_seen if math.isfinite(self.first_seen) else None,
+            self.last_seen if math.isfinite(self.last_seen) else None,
+            self.t0,
+            tuple(self.ranked_topics()),
+            tuple([(ts, item, actions[code]) for ts, item, code in reversed(self.recent)]),
+            frozenset(self.hidden or ()),
+            None if vector is None else tuple(vector.tolist()),
+        )
+
     # --- persistence ---
     def to_record(self, rules: ProfileRules) -> dict:
         return {
@@ -171,8 +238,8 @@ class Profile:
 
     @classmethod
     def from_record(cls, record: dict, rules: ProfileRules) -> Profile:
-        """A profile from its record: the list form ``to_record`` writes (reads, API),
-        or the columnar form shards store (``"s": 2``, ProfileTable.encode)."""
+        """A profile from its record: the columnar form shards store (``"s": 2``,
+        ProfileTable.encode), or the list form ``to_record`` writes."""
         profile = cls(record["u"], len(rules.actions))
         counts = record["c"]
         if isinstance(counts, bytes):  # per code, in the action order it was written in

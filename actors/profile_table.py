@@ -35,6 +35,7 @@ from actors.profile import (
     STORED_SCALARS,
     Profile,
     ProfileRules,
+    ProfileView,
     apply_events,
 )
 from storage import codec
@@ -286,10 +287,10 @@ class ProfileTable:
             ts[i, :n], items[i, :n], codes[i, :n] = zip(*entries, strict=True)
         return ts, items, codes
 
-    def record(self, user: str) -> dict | None:
-        """The user's persisted form (``Profile.to_record``), or None if not resident."""
+    def view(self, user: str) -> ProfileView | None:
+        """What a read returns (``Profile.view``), or None if the user is not resident."""
         row = self.rows.get(user)
-        return None if row is None else self._materialize(row).to_record(self.rules)
+        return None if row is None else self._materialize(row).view(self.rules)
 
     def _materialize(self, row: int) -> Profile:
         rules = self.rules

@@ -270,8 +270,9 @@ class ProfileShard:
 
     # --- reads ---
     async def get_profiles(self, user_ids: list[str]) -> dict:
-        """``{"profiles": records of the users that exist, "moved": users whose partition
-        this shard does not own (the caller re-reads the assignment and asks again)}``."""
+        """``{"profiles": a ProfileView per user that exists, "moved": users whose
+        partition this shard does not own (the caller re-reads the assignment and asks
+        again)}``."""
         self._ensure_ticker()
         await self._ready()
         state = self.state
@@ -289,7 +290,7 @@ class ProfileShard:
         moved = [u for u in user_ids if partition[u] not in state.owned]
         wanted = [u for u in user_ids if partition[u] in state.owned]
         state.touch(wanted)
-        found = {u: r for u in wanted if (r := state.table.record(u)) is not None}
+        found = {u: v for u in wanted if (v := state.table.view(u)) is not None}
         await self._passivate()
         return {"profiles": found, "moved": moved}
 

@@ -675,7 +675,7 @@ def bench_recovery(args) -> dict:
     for n, batch in enumerate(batches[half:], start=half):
         fleet.apply(f"b{n}", batch)
     sample = sorted({e["user_id"] for e in events})
-    expected_events = sum(p["n"] for p in fleet.get_profiles(sample).values())
+    expected_events = sum(p.events for p in fleet.get_profiles(sample).values())
     shard = next(iter(fleet.shards.values()))
     os.kill(ray.get(shard.pid.remote()), signal.SIGKILL)
     start = time.perf_counter()
@@ -691,7 +691,7 @@ def bench_recovery(args) -> dict:
     got = fleet.get_profiles(sample)
     full_read_s = time.perf_counter() - started_full
     stats = fleet.stats()[0]
-    assert sum(p["n"] for p in got.values()) == expected_events, "recovered data differs"
+    assert sum(p.events for p in got.values()) == expected_events, "recovered data differs"
     fleet.shutdown()
     ray.shutdown()
     drop(open_store(settings=settings), keyspace)

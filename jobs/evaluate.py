@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actors.profile import ProfileView
 from jobs.datasets import MOVIELENS_100K, Dataset, load
 from persona.settings import Settings, load_settings
 
@@ -265,9 +266,9 @@ class PersonaFleet:
         self.core = RecommenderCore(settings, self.fleet)
         self.core.load_catalog()
         asyncio.run(self.core.load_signals())
-        self._profiles: dict[str, dict] = {}
+        self._profiles: dict[str, ProfileView] = {}
 
-    def profiles(self, users: Sequence[str]) -> dict[str, dict]:
+    def profiles(self, users: Sequence[str]) -> dict[str, ProfileView | None]:
         missing = [u for u in users if u not in self._profiles]
         for at in range(0, len(missing), 1_000):
             self._profiles.update(self.fleet.get_profiles(missing[at : at + 1_000]))

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from actors.profile import ProfileRules
+from actors.profile import Profile, ProfileRules
 from jobs.common import fleet_for_job
 from persona.errors import PersonaError
 from persona.settings import Settings
@@ -59,7 +59,8 @@ def run(out: Path, settings: Settings | None = None) -> int:
 
     with out.open("w") if out.suffix == ".jsonl" else contextlib.nullcontext() as text:
         for user, blob in fleet.store.scan_profiles():
-            view = profile_view(codec.decode(blob, what=f"profile {user}"), rules, now)
+            record = codec.decode(blob, what=f"profile {user}")
+            view = profile_view(Profile.from_record(record, rules).view(rules), rules, now)
             count += 1
             if text is not None:
                 text.write(json.dumps(view) + "\n")

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from actors.catalog import MAX_EMBEDDING_DIM, decode_item, encode_item, item_problem
 from actors.events import ALLOWED, MAX_TOPICS, check_id
 from actors.fleet import Fleet
-from actors.profile import ProfileRules
+from actors.profile import ProfileRules, ProfileView
 from persona.errors import (
     ConfigError,
     CorruptRecord,
@@ -210,7 +210,7 @@ class Ingress:
 
     # --- batched shard reads: many requests, one actor call per shard ---
     @serve.batch(max_batch_size=128, batch_wait_timeout_s=0.002)
-    async def _read_profiles(self, user_ids: list[str]) -> list[dict | None]:
+    async def _read_profiles(self, user_ids: list[str]) -> list[ProfileView | None]:
         found = await self.fleet.get_profiles_async(user_ids)
         return [found.get(u) for u in user_ids]
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from actors.profile import HIDE, ProfileView
+
 # Distinct recent engagements whose neighbours are candidates, and how much less each
 # older one counts than the one after it. On MovieLens validation data, summing the
 # similarities of the last 10-20 engagements with a decay of 0.7-0.8 beat both the
@@ -190,21 +192,19 @@ def _normalise(scores: dict[str, float]) -> dict[str, float]:
 
 
 def candidate_scores(
-    profile: Mapping | None, catalog: Catalog, signals: Signals, topic: str | None
+    profile: ProfileView | None, catalog: Catalog, signals: Signals, topic: str | None
 ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
     """Per-source normalised scores (``hidden`` among them: what to take away), and the
     evidence behind each co/topic candidate."""
     sources: dict[str, dict[str, float]] = {name: {} for name in (*SOURCES, "hidden")}
     evidence: dict[str, str] = {}
-    if profile:
-        recent = profile.get("r", [])
-        engaged = _latest_distinct(r[1] for r in reversed(recent) if r[2] != "hide")
+    if profile is not None:
+        recent = profile.recent  # newest first
+        engaged = _latest_distinct(item for _, item, action in recent if action != HIDE)
         evidence.update(_similar_to(engaged, signals.graph, sources["co"], "co"))
-        hidden = _latest_distinct(r[1] for r in reversed(recent) if r[2] == "hide")
+        hidden = _latest_distinct(item for _, item, action in recent if action == HIDE)
         _similar_to(hidden, signals.graph, sources["hidden"], "hidden")
-        interests = sorted(
-            ((t, s) for t, s in profile.get("t", {}).items() if s > 0), key=lambda kv: -kv[1]
-        )[:TOPICS_FOR_CANDIDATES]
+        interests = [(t, s) for t, s in profile.topics if s > 0][:TOPICS_FOR_CANDIDATES]
         if interests:
             strongest = interests[0][1]
             for name, score in interests:
@@ -217,9 +217,9 @@ def candidate_scores(
                     if value > sources["topic"].get(item, 0.0):
                         sources["topic"][item] = value
                         evidence[f"topic:{item}"] = name
-        embedding, weight = profile.get("e"), profile.get("ew", 0.0)
-        if embedding and weight > 0 and catalog.vectors.shape[1] == len(embedding):
-            user = np.asarray(embedding, dtype=np.float32) / weight
+        vector = profile.interest_vector
+        if vector is not None and catalog.vectors.shape[1] == len(vector):
+            user = np.asarray(vector, dtype=np.float32)
             norm = float(np.linalg.norm(user))
             if norm > 0 and len(catalog):
                 rows, similarity = catalog.nearest(user / norm, PER_SOURCE)
@@ -269,7 +269,7 @@ def _similar_to(
 
 
 def recommend(
-    profile: Mapping | None,
+    profile: ProfileView | None,
     catalog: Catalog,
     signals: Signals,
     blend: Mapping[str, float],
@@ -282,8 +282,11 @@ def recommend(
     """Ranked items with score and reason; seen/hidden removed; at most
     ``max_per_topic`` items share a primary topic."""
     sources, evidence = candidate_scores(profile, catalog, signals, topic)
-    hidden = set((profile or {}).get("h") or ())
-    seen = {r[1] for r in (profile or {}).get("r", [])} if exclude_seen else set()
+    hidden, seen = set(), set()
+    if profile is not None:
+        hidden.update(profile.hidden)
+        if exclude_seen:
+            seen.update(item for _, item, _ in profile.recent)
     # Blend in one pass: an item's score is the weighted sum over sources, its reason
     # the source that contributed most (the first such source on a tie).
     total: dict[str, float] = {}

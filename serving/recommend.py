@@ -18,6 +18,7 @@ import time
 from actors.catalog import decode_item
 from actors.fleet import Fleet
 from actors.item_stats import merge_snapshots
+from actors.profile import ProfileView
 from persona.settings import Settings
 from serving.ranking import Catalog, Signals, assign_variant, recommend
 from storage import Store, open_store
@@ -85,7 +86,12 @@ class RecommenderCore:
             await asyncio.sleep(settings.signals_refresh_s)
 
     def recommend(
-        self, user_id: str, profile: dict | None, k: int, topic: str | None, exclude_seen: bool
+        self,
+        user_id: str,
+        profile: ProfileView | None,
+        k: int,
+        topic: str | None,
+        exclude_seen: bool,
     ) -> dict:
         experiments = self.settings.experiments
         variant = assign_variant(user_id, experiments)

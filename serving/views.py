@@ -4,10 +4,8 @@ its exception, and request bodies decoded within limits. Pure, no Ray."""
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,34 +13,30 @@ import msgpack
 import numpy as np
 
 from actors.events import MAX_ID_CHARS
-from actors.profile import Profile, ProfileRules
+from actors.profile import ProfileRules, ProfileView
 
 
-def profile_view(record: Mapping, rules: ProfileRules, now: float, *, interests: int = 64) -> dict:
+def profile_view(
+    profile: ProfileView, rules: ProfileRules, now: float, *, interests: int = 64
+) -> dict:
     """The public shape of a profile: interests decayed to ``now`` and ranked by score
     (ranked on stored scores, so even a years-old profile orders correctly), recent
     actions newest first, lifetime counters and the version."""
-    profile = Profile.from_record(dict(record), rules)
-    ranked = profile.interests_at(rules, now)[:interests]
+    factor = profile.decay_factor(rules.rate, now)
     return {
         "user_id": profile.user_id,
         "version": profile.version,
         "events": profile.events,
-        "first_seen": _finite(profile.first_seen),
-        "last_seen": _finite(profile.last_seen),
-        "counters": {a: n for a, n in zip(rules.actions, profile.counts, strict=True) if n},
-        "interests": [{"topic": t, "score": s} for t, s in ranked],
+        "first_seen": profile.first_seen,
+        "last_seen": profile.last_seen,
+        "counters": dict(profile.counters),
+        "interests": [{"topic": t, "score": s * factor} for t, s in profile.topics[:interests]],
         "recent_actions": [
-            {"item_id": item, "action": rules.actions[code], "ts": ts}
-            for ts, item, code in reversed(profile.recent)
+            {"item_id": item, "action": action, "ts": ts} for ts, item, action in profile.recent
         ],
-        "hidden_items": sorted(profile.hidden or ()),
-        "has_embedding": profile.interest_vector() is not None,
+        "hidden_items": sorted(profile.hidden),
+        "has_embedding": profile.interest_vector is not None,
     }
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 def error_body(code: str, message: str, **details) -> dict:

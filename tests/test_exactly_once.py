@@ -96,7 +96,7 @@ def shard_rules(settings):
 
 async def held_events(node: ProfileShard, user: str) -> int:
     found = (await node.get_profiles([user]))["profiles"]
-    return found[user]["n"] if user in found else 0
+    return found[user].events if user in found else 0
 
 
 def user_in(partition: int, prefix: str = "user") -> str:

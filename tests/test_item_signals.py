@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from actors.item_stats import CONTEXT, ItemStats, merge_snapshots
+from actors.profile import Profile, ProfileRules, apply_events
 from persona.settings import load_settings
 from serving.ranking import Catalog, Signals, assign_variant, recommend
 
@@ -119,7 +120,10 @@ def test_ranking_caps_topics_and_drops_hidden_and_seen():
         [{"item_id": f"{t}-{n}", "topics": [t], "created_at": n} for t in "xy" for n in range(6)]
     )
     signals = Signals.build({"trending": {f"x-{n}": 10 - n for n in range(6)}}, catalog)
-    profile = {"r": [[T, "x-0", "view"]], "h": {"x-1": T}, "t": {}}
+    rules = ProfileRules.from_settings(SETTINGS)
+    user = Profile("u", len(rules.actions))
+    apply_events(user, [("u", "x-0", "view", T, (), 1.0), ("u", "x-1", "hide", T, (), 1.0)], rules)
+    profile = user.view(rules)
     items = recommend(profile, catalog, signals, {"trending": 1.0}, k=6, max_per_topic=2)
     ids = [i["item_id"] for i in items]
     assert ids[:2] == ["x-2", "x-3"]

@@ -90,7 +90,7 @@ def test_parquet_msgpack_directories_and_globs(fleet, tmp_path):
     assert (summary.files, summary.read, summary.applied) == (3, 30, 30)
     again = ingest.run([str(folder / "*.parquet")], settings=fleet.settings, distributed=False)
     assert (again.applied, again.duplicate) == (0, 15)
-    assert fleet.get_profiles(["fmt-user"])["fmt-user"]["n"] == 30
+    assert fleet.get_profiles(["fmt-user"])["fmt-user"].events == 30
     with pytest.raises(Exception, match="no such file"):
         ingest.run([str(tmp_path / "missing" / "*.jsonl")], settings=fleet.settings)
 
@@ -106,7 +106,7 @@ def test_many_files_spread_with_ray_data_stay_exactly_once(fleet, tmp_path):
     assert (first.files, first.applied) == (3, 150)
     assert (second.applied, second.duplicate) == (0, 150)
     profiles = fleet.get_profiles([f"rd-{u}" for u in range(4)])
-    assert sum(p["n"] for p in profiles.values()) == 150
+    assert sum(p.events for p in profiles.values()) == 150
 
 
 def test_a_line_that_broke_validation_is_dead_lettered_not_lost(fleet, tmp_path):
@@ -282,7 +282,7 @@ def test_rerun_with_another_batch_size_applies_nothing(fleet, tmp_path):
     second = ingest.run([str(source)], settings=fleet.settings, batch_size=3, in_flight=2)
     assert (second.applied, second.duplicate, second.rejected, second.failed) == (0, 59, 1, 0)
     profiles = fleet.get_profiles([f"rerun-{u}" for u in range(9)])
-    assert sum(p["n"] for p in profiles.values()) == 59
+    assert sum(p.events for p in profiles.values()) == 59
 
 
 # --- against a real local head with the jobs API --------------------------------------
@@ -312,7 +312,8 @@ PROFILE_COUNTS = textwrap.dedent(
     settings = load_settings()
     ray.init(address="auto", namespace=settings.namespace, logging_level="error")
     users = json.loads({users!r})
-    print(json.dumps({{u: p["n"] for u, p in Fleet.connect(settings).get_profiles(users).items()}}))
+    profiles = Fleet.connect(settings).get_profiles(users)
+    print(json.dumps({{u: p.events for u, p in profiles.items()}}))
     """
 )
 

@@ -112,6 +112,46 @@ def test_record_round_trip_through_the_codec():
     assert again.to_record(RULES) == profile.to_record(RULES)
 
 
+def test_a_read_sees_the_profile_by_field_name_and_survives_pickling():
+    import pickle
+
+    import numpy as np
+
+    profile = Profile("u", len(RULES.actions))
+    apply_events(
+        profile,
+        [
+            event(item="x", action="hide", ts=T, topics=()),
+            event(item="a", action="click", ts=T + 1, topics=("b", "a")),
+            event(item="a", action="view", ts=T + 2, topics=()),
+        ],
+        RULES,
+        embeddings={"a": np.array([2.0, 0.0])},
+    )
+    view = profile.view(RULES)
+    assert (view.user_id, view.events, view.version) == ("u", 3, 1)
+    assert view.counters == {"view": 1, "click": 1, "hide": 1}
+    assert (view.first_seen, view.last_seen, view.t0) == (T, T + 2, T)
+    # Equal scores rank by name; recent actions are newest first, by action name.
+    assert view.topics == tuple(profile.ranked_topics())
+    assert [t for t, _ in view.topics] == ["a", "b"] and view.topics[0][1] == view.topics[1][1]
+    assert view.recent == ((T + 2, "a", "view"), (T + 1, "a", "click"), (T, "x", "hide"))
+    assert view.hidden == {"x"}
+    assert view.interest_vector == pytest.approx([2.0, 0.0])
+    assert view.interests_at(RULES, T + DAY) == profile.interests_at(RULES, T + DAY)
+    assert pickle.loads(pickle.dumps(view, protocol=5)) == view
+    with pytest.raises(AttributeError):
+        view.events = 4  # frozen
+
+
+def test_a_profile_without_events_reads_as_empty():
+    view = Profile("new", len(RULES.actions)).view(RULES)
+    assert (view.first_seen, view.last_seen, view.t0) == (None, None, None)
+    assert view.counters == {} and view.topics == () and view.recent == ()
+    assert view.hidden == frozenset() and view.interest_vector is None
+    assert view.interests_at(RULES, T) == []
+
+
 def test_embedding_is_the_decayed_weighted_mean():
     import numpy as np
 

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import pytest
 
+from actors.profile import Profile, ProfileRules, ProfileView, apply_events
+from persona.settings import load_settings
 from serving.ranking import CO_RECENCY, Catalog, Signals, cosine_graph, recommend
 
 T = 1_700_000_000.0
+RULES = ProfileRules.from_settings(load_settings())
 CATALOG = Catalog.from_records(
     [{"item_id": i, "topics": [f"t-{i}"]} for i in ("film", "sequel", "pop", "a", "b", "c", "x")]
 )
 
 
-def profile(*recent: tuple[str, str]) -> dict:
-    """A profile whose recent actions are ``(item, action)``, oldest first."""
-    return {"r": [[T + n, item, action] for n, (item, action) in enumerate(recent)], "t": {}}
+def profile(*recent: tuple[str, str]) -> ProfileView:
+    """The view a shard returns for a user whose actions were ``(item, action)``, oldest
+    first, with no topics."""
+    user = Profile("u", len(RULES.actions))
+    events = [("u", item, action, T + n, (), 1.0) for n, (item, action) in enumerate(recent)]
+    apply_events(user, events, RULES)
+    return user.view(RULES)
 
 
 def ids(items: list[dict]) -> list[str]:
@@ -76,3 +83,24 @@ def test_popular_is_engagement_over_the_graph_half_life():
     ranked = recommend(None, CATALOG, signals, {"popular": 1.0}, k=3)
     assert ids(ranked) == ["b", "c", "a"]
     assert ranked[0]["reason"] == "popular with people lately"
+
+
+def test_top_topics_and_the_interest_vector_bring_their_own_candidates():
+    import numpy as np
+
+    catalog = Catalog.from_records(
+        [
+            {"item_id": "jazz-1", "topics": ["jazz"], "embedding": [1.0, 0.0]},
+            {"item_id": "rock-1", "topics": ["rock"], "embedding": [0.0, 1.0]},
+            {"item_id": "seen", "topics": ["jazz"], "embedding": [1.0, 0.0]},
+        ]
+    )
+    signals = Signals.build({"trending": {"jazz-1": 2.0, "rock-1": 1.0}}, catalog)
+    user = Profile("u", len(RULES.actions))
+    events = [("u", "seen", "click", T, ("jazz",), 1.0)]
+    apply_events(user, events, RULES, embeddings={"seen": np.array([1.0, 0.0])})
+    view = user.view(RULES)
+    by_topic = recommend(view, catalog, signals, {"topic": 1.0}, k=1)
+    assert ids(by_topic) == ["jazz-1"] and "jazz" in by_topic[0]["reason"]
+    nearest = recommend(view, catalog, signals, {"embedding": 1.0}, k=1)
+    assert ids(nearest) == ["jazz-1"] and nearest[0]["reason"] == "similar to what you engage with"
