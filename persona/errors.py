@@ -28,6 +28,11 @@ class JournalConflict(PersonaError):
     seal) got there first, so this writer is stale."""
 
 
+class VersionConflict(PersonaError):
+    """A model version name, or a position of the model log, is already taken: a
+    published version never changes, and two switches never share a position."""
+
+
 class InvalidEvents(PersonaError):
     """A batch contained invalid events; nothing of it was applied."""
 

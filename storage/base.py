@@ -31,6 +31,17 @@ class Checkpoint:
     meta: bytes
 
 
+@dataclass(frozen=True)
+class ModelSwitch:
+    """One entry of the model log: at position ``seq`` serving switched to ``version``
+    (``rollback``: by returning to it). The current version follows from the log."""
+
+    seq: int
+    version: str
+    rollback: bool
+    at: float
+
+
 class Store(ABC):
     """Durable tier. Every method may raise StoreUnavailable; reads of stored blobs
     return bytes and leave decoding (and CorruptRecord) to storage.codec."""
@@ -147,6 +158,31 @@ class Store(ABC):
     def get_quarantine(self, journal_id: str) -> list[tuple[int, str]]:
         """(seq, reason) of the rows of ``journal_id`` that were quarantined."""
 
+    # --- model versions: item embeddings a training job published, and the switches ---
+    @abstractmethod
+    def put_model(self, version: str, info: bytes, chunks: list[bytes]) -> None:
+        """Write chunks 0..n-1 of ``version``, then its info row: a version is listed
+        only once it is whole. Raises VersionConflict if ``version`` exists (a
+        published version never changes: replicas may be serving it)."""
+
+    @abstractmethod
+    def get_models(self) -> dict[str, bytes]:
+        """The info blob of every published version."""
+
+    @abstractmethod
+    def get_model_chunks(self, version: str) -> list[bytes]:
+        """Chunks of ``version`` in order; ConfigError for an unknown version,
+        CorruptRecord if a chunk is missing."""
+
+    @abstractmethod
+    def append_model_switch(self, seq: int, version: str, rollback: bool) -> None:
+        """Append a switch at position ``seq`` (1 + the last one); raises
+        VersionConflict if another switch took the position first."""
+
+    @abstractmethod
+    def get_model_switches(self) -> list[ModelSwitch]:
+        """The whole model log, oldest first (one row per switch: small)."""
+
     # --- tombstones (privacy deletes that replay must not undo) ---
     @abstractmethod
     def add_tombstones(self, deleted_at: Mapping[str, float]) -> None: ...
@@ -189,6 +225,16 @@ def fence_violations(
                 f"not {owner} at epoch {epoch}"
             )
     return problems
+
+
+def model_chunks(version: str, count: int, found: Mapping[int, bytes]) -> list[bytes]:
+    """Chunks 0..count-1 of a model version in order, or CorruptRecord."""
+    missing = [n for n in range(count) if n not in found]
+    if missing:
+        from persona.errors import CorruptRecord
+
+        raise CorruptRecord(f"model {version} lacks chunk {missing[0]} of {count}")
+    return [bytes(found[n]) for n in range(count)]
 
 
 def signal_chunks(

@@ -33,13 +33,21 @@ from cassandra.policies import (
 )
 from cassandra.query import BatchStatement, BatchType, SimpleStatement
 
-from persona.errors import ConfigError, JournalConflict, StaleEpoch, StoreUnavailable
+from persona.errors import (
+    ConfigError,
+    JournalConflict,
+    StaleEpoch,
+    StoreUnavailable,
+    VersionConflict,
+)
 from storage import cql
 from storage.base import (
     Assignment,
     Checkpoint,
+    ModelSwitch,
     Store,
     fence_violations,
+    model_chunks,
     signal_chunks,
     stale_claims,
 )
@@ -517,6 +525,61 @@ class CassandraStore(Store):
         with self._errors("read quarantined rows"):
             rows = self._session.execute(self._stmt(cql.GET_QUARANTINE), (journal_id,))
             return [(r.seq, r.reason) for r in rows]
+
+    # --- model versions ---
+    def _model_chunk_count(self, version: str) -> int | None:
+        with self._errors(f"read model {version}"):
+            row = self._session.execute(self._stmt(cql.GET_MODEL), (version,)).one()
+        return row.chunks if row else None
+
+    def put_model(self, version: str, info: bytes, chunks: list[bytes]) -> None:
+        # Checked first so that a second publisher of the name never overwrites the
+        # chunks of a version being served; the info row's own condition settles a race.
+        if self._model_chunk_count(version) is not None:
+            raise VersionConflict(f"model version {version!r} is already published")
+        params = [(version, n, blob) for n, blob in enumerate(chunks)]
+        self._concurrent(
+            cql.PUT_MODEL_CHUNK,
+            params,
+            f"write model {version}",
+            concurrency=SIGNAL_CHUNKS_IN_FLIGHT,
+        )
+        with self._errors(f"write model {version}"):
+            result = self._session.execute(self._stmt(cql.PUT_MODEL), (version, len(chunks), info))
+        if not result.was_applied:
+            raise VersionConflict(f"model version {version!r} is already published")
+
+    def get_models(self) -> dict[str, bytes]:
+        return dict(self._scan(cql.SCAN_MODELS, "list model versions"))
+
+    def get_model_chunks(self, version: str) -> list[bytes]:
+        count = self._model_chunk_count(version)
+        if count is None:
+            raise ConfigError(f"no model version {version!r} is published")
+        params = [(version, n) for n in range(count)]
+        results = self._concurrent(
+            cql.GET_MODEL_CHUNK, params, f"read model {version}", SIGNAL_CHUNKS_IN_FLIGHT
+        )
+        found = {}
+        for n, rows in enumerate(results):
+            row = rows.one()
+            if row is not None:
+                found[n] = row.blob
+        return model_chunks(version, count, found)
+
+    def append_model_switch(self, seq: int, version: str, rollback: bool) -> None:
+        with self._errors("switch the model"):
+            result = self._session.execute(
+                self._stmt(cql.APPEND_MODEL_SWITCH),
+                (cql.DEPLOYMENT, seq, version, rollback, time.time()),
+            )
+        if not result.was_applied:
+            raise VersionConflict(f"model log position {seq} is already taken")
+
+    def get_model_switches(self) -> list[ModelSwitch]:
+        with self._errors("read the model log"):
+            rows = self._session.execute(self._stmt(cql.GET_MODEL_SWITCHES), (cql.DEPLOYMENT,))
+            return [ModelSwitch(r.seq, r.version, bool(r.rollback), r.switched_at) for r in rows]
 
     # --- tombstones ---
     def add_tombstones(self, deleted_at: Mapping[str, float]) -> None:

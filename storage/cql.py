@@ -37,6 +37,16 @@ TABLES = [
     """CREATE TABLE IF NOT EXISTS quarantine (
         journal_id text, seq bigint, blob blob, reason text, quarantined_at double,
         PRIMARY KEY (journal_id, seq))""",
+    # Model versions: the info row is written last (a listed version is whole); the
+    # vectors in chunks of ~512 KiB, one partition each.
+    "CREATE TABLE IF NOT EXISTS models (version text PRIMARY KEY, chunks int, info blob)",
+    """CREATE TABLE IF NOT EXISTS model_chunks (
+        version text, chunk int, blob blob, PRIMARY KEY ((version, chunk)))""",
+    # The model log: every switch and rollback, one small partition (conditional
+    # appends need that); the current version is replayed from it.
+    """CREATE TABLE IF NOT EXISTS model_switches (
+        deployment text, seq bigint, version text, rollback boolean, switched_at double,
+        PRIMARY KEY (deployment, seq))""",
 ]
 
 # The assignments table holds one deployment per keyspace; the key is a constant so
@@ -98,5 +108,18 @@ PUT_QUARANTINE = (
     "INSERT INTO quarantine (journal_id, seq, blob, reason, quarantined_at) VALUES (?, ?, ?, ?, ?)"
 )
 GET_QUARANTINE = "SELECT seq, reason FROM quarantine WHERE journal_id = ?"
+
+PUT_MODEL_CHUNK = "INSERT INTO model_chunks (version, chunk, blob) VALUES (?, ?, ?)"
+GET_MODEL_CHUNK = "SELECT blob FROM model_chunks WHERE version = ? AND chunk = ?"
+PUT_MODEL = "INSERT INTO models (version, chunks, info) VALUES (?, ?, ?) IF NOT EXISTS"
+GET_MODEL = "SELECT chunks FROM models WHERE version = ?"
+SCAN_MODELS = "SELECT version, info FROM models"
+APPEND_MODEL_SWITCH = (
+    "INSERT INTO model_switches (deployment, seq, version, rollback, switched_at) "
+    "VALUES (?, ?, ?, ?, ?) IF NOT EXISTS"
+)
+GET_MODEL_SWITCHES = (
+    "SELECT seq, version, rollback, switched_at FROM model_switches WHERE deployment = ?"
+)
 
 KEYSPACE_REPLICATION = "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = ?"

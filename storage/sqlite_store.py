@@ -13,12 +13,20 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-from persona.errors import ConfigError, JournalConflict, StaleEpoch, StoreUnavailable
+from persona.errors import (
+    ConfigError,
+    JournalConflict,
+    StaleEpoch,
+    StoreUnavailable,
+    VersionConflict,
+)
 from storage.base import (
     Assignment,
     Checkpoint,
+    ModelSwitch,
     Store,
     fence_violations,
+    model_chunks,
     signal_chunks,
     stale_claims,
 )
@@ -44,6 +52,14 @@ CREATE TABLE IF NOT EXISTS signals (
 CREATE TABLE IF NOT EXISTS quarantine (
     journal_id TEXT NOT NULL, seq INTEGER NOT NULL, blob BLOB NOT NULL, reason TEXT NOT NULL,
     quarantined_at REAL NOT NULL, PRIMARY KEY (journal_id, seq));
+CREATE TABLE IF NOT EXISTS models (
+    version TEXT PRIMARY KEY, chunks INTEGER NOT NULL, info BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS model_chunks (
+    version TEXT NOT NULL, chunk INTEGER NOT NULL, blob BLOB NOT NULL,
+    PRIMARY KEY (version, chunk)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS model_switches (
+    seq INTEGER PRIMARY KEY, version TEXT NOT NULL, rollback INTEGER NOT NULL,
+    switched_at REAL NOT NULL);
 """
 
 # SQLite limits host parameters per statement (32766 in modern builds); stay well below.
@@ -362,6 +378,61 @@ class SqliteStore(Store):
                 "SELECT seq, reason FROM quarantine WHERE journal_id=? ORDER BY seq", (journal_id,)
             ).fetchall()
         )
+
+    # --- model versions ---
+    def put_model(self, version: str, info: bytes, chunks: list[bytes]) -> None:
+        def op(db):
+            if db.execute("SELECT 1 FROM models WHERE version=?", (version,)).fetchone():
+                raise VersionConflict(f"model version {version!r} is already published")
+            db.executemany(
+                "INSERT OR REPLACE INTO model_chunks (version, chunk, blob) VALUES (?, ?, ?)",
+                [(version, n, blob) for n, blob in enumerate(chunks)],
+            )
+            db.execute(
+                "INSERT INTO models (version, chunks, info) VALUES (?, ?, ?)",
+                (version, len(chunks), info),
+            )
+
+        self._transaction(op)
+
+    def get_models(self) -> dict[str, bytes]:
+        rows = self._run(lambda db: db.execute("SELECT version, info FROM models").fetchall())
+        return {version: bytes(info) for version, info in rows}
+
+    def get_model_chunks(self, version: str) -> list[bytes]:
+        def op(db):
+            row = db.execute("SELECT chunks FROM models WHERE version=?", (version,)).fetchone()
+            if row is None:
+                raise ConfigError(f"no model version {version!r} is published")
+            found = db.execute(
+                "SELECT chunk, blob FROM model_chunks WHERE version=? AND chunk<?",
+                (version, row[0]),
+            ).fetchall()
+            return row[0], dict(found)
+
+        count, found = self._run(op)
+        return model_chunks(version, count, found)
+
+    def append_model_switch(self, seq: int, version: str, rollback: bool) -> None:
+        def op(db):
+            try:
+                db.execute(
+                    "INSERT INTO model_switches (seq, version, rollback, switched_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (seq, version, int(rollback), time.time()),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise VersionConflict(f"model log position {seq} is already taken") from exc
+
+        self._transaction(op)
+
+    def get_model_switches(self) -> list[ModelSwitch]:
+        rows = self._run(
+            lambda db: db.execute(
+                "SELECT seq, version, rollback, switched_at FROM model_switches ORDER BY seq"
+            ).fetchall()
+        )
+        return [ModelSwitch(seq, version, bool(rb), at) for seq, version, rb, at in rows]
 
     # --- tombstones ---
     def add_tombstones(self, deleted_at: Mapping[str, float]) -> None:

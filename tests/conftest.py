@@ -28,6 +28,9 @@ _TABLES = (
     "dedup",
     "quarantine",
     "signals",
+    "models",
+    "model_chunks",
+    "model_switches",
 )
 
 

@@ -6,7 +6,14 @@ import threading
 
 import pytest
 
-from persona.errors import CorruptRecord, JournalConflict, StaleEpoch, StoreUnavailable
+from persona.errors import (
+    ConfigError,
+    CorruptRecord,
+    JournalConflict,
+    StaleEpoch,
+    StoreUnavailable,
+    VersionConflict,
+)
 from storage import Checkpoint, codec
 
 
@@ -279,3 +286,24 @@ def test_a_position_at_or_below_the_checkpoint_is_never_free_again(store):
     assert [s for s, _ in store.read_journal("lagging", 18)] == [19, 20]
     store.append_journal("lagging", 21, b"next")
     assert [s for s, _ in store.read_journal("lagging", 0)] == [19, 20, 21]
+
+
+def test_model_versions_are_immutable_and_the_switch_log_has_one_writer_per_position(store):
+    import numpy as np
+
+    from actors.item_model import decode_chunks, encode_chunks, encode_info
+
+    chunks = encode_chunks(["a", "b"], np.eye(2, dtype=np.float32))
+    store.put_model("v1", encode_info({"items": 2}), chunks)
+    with pytest.raises(VersionConflict):
+        store.put_model("v1", b"other", [b"x"])
+    assert list(store.get_models()) == ["v1"]
+    assert decode_chunks("v1", store.get_model_chunks("v1")).ids == ["a", "b"]
+    with pytest.raises(ConfigError):
+        store.get_model_chunks("missing")
+    store.append_model_switch(1, "v1", False)
+    with pytest.raises(VersionConflict):
+        store.append_model_switch(1, "v1", False)
+    assert [(s.seq, s.version, s.rollback) for s in store.get_model_switches()] == [
+        (1, "v1", False)
+    ]
