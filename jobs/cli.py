@@ -1,7 +1,8 @@
 """The `persona` command line: local operations, batch jobs and a look at users.
 
 Commands: demo, up, down, status, scale, ingest, generate, checkpoint, export, evaluate,
-profile USER, recs USER, cassandra start|stop|status|fetch, bench.
+train, model list|switch VERSION|rollback, profile USER, recs USER,
+cassandra start|stop|status|fetch, bench.
 """
 
 from __future__ import annotations
@@ -131,6 +132,40 @@ def _evaluate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from jobs.train_embeddings import main
+
+    return main(args.rest)
+
+
+def _model(args: argparse.Namespace) -> int:
+    """The model versions of the store the command acts on (the running stack's)."""
+    from actors import item_model
+    from storage import open_store
+
+    store = open_store(settings=_settings(args))
+    try:
+        if args.action == "list":
+            for row in item_model.list_models(store):
+                mark = "*" if row["serving"] else " "
+                print(
+                    f"{mark} {row['version']}  {row['items']:,} items x {row['dim']}  "
+                    f"{row.get('algorithm', '')} on {row.get('events', 0):,} events "
+                    f"({row.get('source', '')})"
+                )
+            return 0
+        if args.action == "switch":
+            if not args.version:
+                print("persona: model switch needs a VERSION", file=sys.stderr)
+                return 2
+            print(f"serving {item_model.switch(store, args.version)}")
+        else:
+            print(f"serving {item_model.switch(store, rollback=True)} (rolled back)")
+        return 0
+    finally:
+        store.close()
+
+
 def _ask_api(args: argparse.Namespace, path: str) -> int:
     settings = _settings(args)
     url = f"http://127.0.0.1:{settings.http_port}{path}"
@@ -214,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
             "offline Recall/NDCG/MRR/coverage next to baselines (--dataset movielens-100k)",
         )
     )
+    command("train", _train, "train item embeddings, publish and switch to them", True)
+    model = command("model", _model, "list, switch or roll back item-embedding versions")
+    model.add_argument("action", choices=["list", "switch", "rollback"])
+    model.add_argument("version", nargs="?", help="the version to switch to")
+    model.add_argument("--store")
     profile = command("profile", _profile, "print a user's profile from the running API")
     profile.add_argument("user")
     profile.add_argument("--port", type=int)

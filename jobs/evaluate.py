@@ -17,10 +17,15 @@ store, then each user's profile is read from the shards and ranked by
 ``RecommenderCore`` against the signals it pulled from them. With ``--http`` the
 same users are also asked over HTTP, from a Serve application on that fleet. The
 log is moved in time so that it ends now (decays are computed at the current time).
+The model loop is part of the run: Persona is scored before (``persona-before``) and
+after (``persona``, ``persona-http``) the training job (jobs/train_embeddings.py)
+learns item embeddings from the same training events, publishes them to the fleet's
+store and switches serving to them.
 Baselines, computed in the same run from the same training events: popularity,
 item-kNN (cosine) over each user's 10 most recent items, and ALS from ``implicit``.
 ``--tune`` chooses Persona's blend weights (and ALS's factors) on the validation
-split and scores the test split with them; nothing is chosen on the test split.
+split (with its own model, trained on the validation split's training part) and
+scores the test split with them; nothing is chosen on the test split.
 """
 
 from __future__ import annotations
@@ -57,7 +62,15 @@ FILE_HOLDOUT = 0.2
 MIN_TRAIN = 3  # a user needs this many training events to be evaluated
 KNN_RECENT = 10
 BATCH = 5_000
-RECOMMENDERS = ("persona", "persona-tuned", "persona-http", "popularity", "item-knn", "als")
+RECOMMENDERS = (
+    "persona-before",
+    "persona",
+    "persona-tuned",
+    "persona-http",
+    "popularity",
+    "item-knn",
+    "als",
+)
 
 
 @dataclass
@@ -268,6 +281,18 @@ class PersonaFleet:
         asyncio.run(self.core.load_signals())
         self._profiles: dict[str, ProfileView] = {}
 
+    def train_model(self, train: list[dict], seed: int = 1) -> dict:
+        """The training job on these events, published to this fleet's store and
+        switched to; the recommender picks the version up as a replica does."""
+        from jobs.train_embeddings import train_and_publish
+
+        events = ((e["user_id"], e["item_id"], e["action"]) for e in train)
+        result = train_and_publish(
+            self.fleet.store, events, self.settings, source="training events", seed=seed
+        )
+        self.core.load_model()
+        return result
+
     def profiles(self, users: Sequence[str]) -> dict[str, ProfileView | None]:
         missing = [u for u in users if u not in self._profiles]
         for at in range(0, len(missing), 1_000):
@@ -457,6 +482,9 @@ def evaluate(
         table = {}
         fleet = PersonaFleet(_private_settings(base), dataset, test.train)
         try:
+            table["persona-before"] = _score_persona(fleet, test, catalog_size)
+            result["model"] = fleet.train_model(test.train, seed)
+            log(f"trained and switched to {result['model']['version']}")
             table["persona"] = _score_persona(fleet, test, catalog_size)
             if blend is not None:
                 table["persona-tuned"] = _score_persona(fleet, test, catalog_size, blend)
@@ -491,6 +519,8 @@ def _tune(
     table: dict[str, dict] = {}
     fleet = PersonaFleet(_private_settings(settings), dataset, valid.train)
     try:
+        table["persona-before"] = _score_persona(fleet, valid, catalog_size)
+        fleet.train_model(valid.train, seed)
         table["persona"] = _score_persona(fleet, valid, catalog_size)
         users = sorted(valid.relevant)
 
@@ -498,7 +528,7 @@ def _tune(
             ranked = fleet.recommend(users, 10, blend)
             return score(ranked, valid.relevant, catalog_size, (10,))["recall@10"]
 
-        sources = ("popular", "topic", "embedding", "trending", "hidden")
+        sources = ("model", "popular", "topic", "embedding", "trending", "hidden")
         blend, _ = tune_blend(recall, sources, {"co": 1.0})
         table["persona-tuned"] = _score_persona(fleet, valid, catalog_size, blend)
     finally:
@@ -634,7 +664,7 @@ def run(args: argparse.Namespace) -> int:
             print(markdown(result[part]))
     test, k = result["test"], args.k
     recall = f"recall@{k}"
-    for name in ("persona", "persona-tuned", "persona-http"):
+    for name in ("persona-before", "persona", "persona-tuned", "persona-http"):
         if name in test:
             ratios = ", ".join(
                 f"{test[name][recall] / max(test[base][recall], 1e-12):.2f}x {base}"

@@ -117,22 +117,39 @@ class Settings:
     # most films Drama or Comedy first) 3 in ten cost 7% of validation Recall@10, 5 none.
     max_per_topic: int = 5
     catalog_refresh_s: float = 30.0
+    # The item-embedding model (`persona train`, jobs/train_embeddings.py): implicit
+    # ALS with these factors, regularization, confidence scale and sweeps. Chosen on
+    # the validation split of MovieLens-100k (bench/RESULTS.md): 32-64 factors and a
+    # regularization of 0.05-20 were within noise of each other; 64 / 1.0 was the
+    # least sensitive to the blend weight.
+    model_factors: int = 64
+    model_regularization: float = 1.0
+    model_alpha: float = 5.0
+    model_iterations: int = 15
     signals_refresh_s: float = 5.0
     # Experiment variants: share of users (percent) and the blend of candidate sources
-    # (co, topic, embedding, trending, popular; "hidden" takes away what resembles the
-    # user's hides). Chosen on validation splits (`persona evaluate --tune`, never the
-    # test split): on MovieLens co-engagement alone ranked best and every other source
-    # took recall away, on generated data topics added a little; popular and trending
-    # are there for users without co-engagement neighbours and for cold start.
+    # (co, topic, embedding, trending, popular, model; "hidden" takes away what
+    # resembles the user's hides). Chosen on validation splits (`persona evaluate
+    # --tune`, never the test split): on MovieLens co-engagement ranked best, the
+    # trained model's neighbours added 1-3% of Recall@10 at any weight from 0.1 to 1
+    # (0.3 chosen), and popular/trending took recall away from users with
+    # neighbours, so they are kept small: they serve users without neighbours and
+    # cold start. On generated data topics added a little.
     experiments: dict = field(
         default_factory=lambda: {
             "control": {
                 "share": 50,
-                "blend": {"co": 1.0, "topic": 0.1, "popular": 0.05, "trending": 0.02},
+                "blend": {
+                    "co": 1.0,
+                    "model": 0.3,
+                    "topic": 0.05,
+                    "popular": 0.01,
+                    "trending": 0.005,
+                },
             },
             "sequence-heavy": {
                 "share": 50,
-                "blend": {"co": 1.0, "popular": 0.05, "trending": 0.02},
+                "blend": {"co": 1.0, "model": 0.3, "popular": 0.01, "trending": 0.005},
             },
         }
     )

@@ -186,6 +186,7 @@ class Ingress:
         self.fleet = Fleet.connect(self.settings, self.store)
         self.recommender = RecommenderCore(self.settings, self.fleet, self.store)
         self.recommender.load_catalog()
+        self.recommender.load_model()
         self._refresher: asyncio.Task | None = None
         self.metrics = EventMetrics()
         # An event holds its fields and up to MAX_TOPICS topics; an item its fields, its

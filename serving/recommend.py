@@ -2,7 +2,10 @@
 item signals, refreshed in the background.
 
 The catalog is loaded from the store and reloaded on an interval; trending and
-the co-engagement graph are pulled from every shard on a shorter interval. It
+the co-engagement graph are pulled from every shard on a shorter interval, and on
+the same interval the model log is read: when another model version serves (a
+training job published it, or `persona model switch|rollback`), its item
+embeddings are loaded and ranking uses them from the next request, no restart. It
 lives inside the ingress replica rather than in a deployment of its own: ranking
 takes ~0.3 ms, a Serve hop to another replica costs several times that (see
 README, "Design changes").
@@ -15,6 +18,7 @@ import logging
 import math
 import time
 
+from actors import item_model
 from actors.catalog import decode_item
 from actors.fleet import Fleet
 from actors.item_stats import merge_snapshots
@@ -37,13 +41,27 @@ class RecommenderCore:
         self.signals = Signals()
         self.catalog_loaded_at = 0.0
         self.signals_loaded_at = 0.0
+        self.model: item_model.ItemEmbeddings | None = None
 
     def load_catalog(self) -> int:
         records = (decode_item(i, blob) for i, blob in self.store.scan_items())
-        self.catalog = Catalog.from_records(records)
+        catalog = Catalog.from_records(records)
+        if self.model is not None:
+            catalog = catalog.with_model(self.model.version, self.model.ids, self.model.vectors)
+        self.catalog = catalog
         self.signals = Signals.build(self.signals.merged, self.catalog)
         self.catalog_loaded_at = time.monotonic()
         return len(self.catalog)
+
+    def load_model(self) -> str | None:
+        """Read the model log; load the serving version's embeddings if they are not
+        the ones held. Returns the version ranking uses now (None: no model yet)."""
+        loaded = self.model.version if self.model is not None else None
+        model = item_model.load_current(self.store, loaded)
+        if model is not None:
+            self.model = model
+            self.catalog = self.catalog.with_model(model.version, model.ids, model.vectors)
+        return self.model.version if self.model is not None else None
 
     async def load_signals(self) -> None:
         if self.fleet is None:
@@ -69,6 +87,7 @@ class RecommenderCore:
     async def refresh_now(self) -> dict:
         """Reload catalog and signals immediately (after a catalog upload)."""
         items = await asyncio.to_thread(self.load_catalog)
+        await asyncio.to_thread(self.load_model)
         await self.load_signals()
         return {"items": items, "trending": len(self.signals.trending)}
 
@@ -80,6 +99,7 @@ class RecommenderCore:
             try:
                 if time.monotonic() - self.catalog_loaded_at >= settings.catalog_refresh_s:
                     await asyncio.to_thread(self.load_catalog)
+                await asyncio.to_thread(self.load_model)
                 await self.load_signals()
             except Exception:
                 log.exception("recommender refresh failed")
@@ -109,5 +129,6 @@ class RecommenderCore:
             "user_id": user_id,
             "variant": variant,
             "cold_start": profile is None,
+            "model": self.catalog.model_version or None,
             "items": items,
         }

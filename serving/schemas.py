@@ -70,6 +70,9 @@ class RecommendationsOut(BaseModel):
     user_id: str
     variant: str = Field(description="the experiment variant that served this response")
     cold_start: bool
+    model: str | None = Field(
+        None, description="the item-embedding model version ranking used (none published yet)"
+    )
     items: list[Recommendation]
 
 

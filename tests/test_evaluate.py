@@ -207,6 +207,7 @@ def test_a_run_goes_through_the_shards_the_recommender_and_http(ray_session, tmp
     )
     test, validation = result["test"], result["validation"]
     assert set(test) == {
+        "persona-before",
         "persona",
         "persona-tuned",
         "persona-http",
@@ -218,5 +219,8 @@ def test_a_run_goes_through_the_shards_the_recommender_and_http(ray_session, tmp
     # Over HTTP the served ranking is the one RecommenderCore gives.
     assert test["persona-http"] == pytest.approx(test["persona"])
     assert test["persona"]["recall@10"] > test["popularity"]["recall@10"]
+    # The training job ran between the two Persona rows, and serving switched to it.
+    assert result["model"]["serving"] == result["model"]["version"]
+    assert "persona-before" in validation
     assert result["chosen"]["blend"]["co"] == 1.0
     assert 0 < test["persona"]["coverage@20"] <= 1
