@@ -67,10 +67,16 @@ def ensure_assignment(store: Store, partitions: int, shards: int) -> dict[int, s
 
 
 class Fleet:
+    """One process's handle on the shards. Without a ``store`` it opens a store session
+    of its own and closes it in ``close`` (or ``shutdown``, or leaving a ``with``
+    block); a store passed in stays open, its caller's to close."""
+
     def __init__(self, settings: Settings, store: Store | None = None):
         self.settings = settings
+        self._owns_store = store is None
         self.store = store or open_store(settings=settings)
-        self.partitions = stored_partition_count(self.store, settings)
+        with self._closed_on_error():
+            self.partitions = stored_partition_count(self.store, settings)
         self.validator = EventValidator(
             ProfileRules.from_settings(settings).actions, settings.max_future_seconds
         )
@@ -83,16 +89,18 @@ class Fleet:
     def start(cls, settings: Settings, store: Store | None = None) -> Fleet:
         """Create the shards (or find the running ones) and wait until they answer."""
         fleet = cls(settings, store)
-        fleet.owners = ensure_assignment(fleet.store, fleet.partitions, settings.shards)
-        fleet._bind_shards(create=True)
-        ray.get([s.ping.remote() for s in fleet.shards.values()])
+        with fleet._closed_on_error():
+            fleet.owners = ensure_assignment(fleet.store, fleet.partitions, settings.shards)
+            fleet._bind_shards(create=True)
+            ray.get([s.ping.remote() for s in fleet.shards.values()])
         return fleet
 
     @classmethod
     def connect(cls, settings: Settings, store: Store | None = None) -> Fleet:
         """Find an already running fleet (e.g. from a Serve replica or a job)."""
         fleet = cls(settings, store)
-        fleet.refresh()
+        with fleet._closed_on_error():
+            fleet.refresh()
         return fleet
 
     def refresh(self) -> None:
@@ -124,10 +132,34 @@ class Fleet:
                 self.shards[name] = ray.get_actor(name, namespace=self.settings.namespace)
 
     def shutdown(self) -> None:
-        """Kill the shard actors (their state is in the store; a later start recovers)."""
+        """Kill the shard actors (their state is in the store; a later start recovers),
+        then close the store session the fleet opened."""
         for handle in self.shards.values():
             ray.kill(handle, no_restart=True)
         self.shards.clear()
+        self.close()
+
+    def close(self) -> None:
+        """Leave the fleet running and close the store session this handle opened (not
+        a store it was given). Idempotent."""
+        if self._owns_store:
+            self._owns_store = False
+            self.store.close()
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _closed_on_error(self):
+        """A fleet that fails to start or connect does not leave its store open."""
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
 
     # --- writes ---
     def validate(self, events) -> tuple[list[ValidEvent], list[dict]]:

@@ -11,7 +11,8 @@ from jobs.common import fleet_for_job
 
 
 def run() -> list[dict]:
-    return fleet_for_job().checkpoint()
+    with fleet_for_job() as fleet:
+        return fleet.checkpoint()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -276,7 +276,7 @@ class PersonaFleet:
                 raise RuntimeError(
                     f"{ack['rejected']} training events rejected: {ack['errors'][:3]}"
                 )
-        self.core = RecommenderCore(settings, self.fleet)
+        self.core = RecommenderCore(settings, self.fleet, self.fleet.store)
         self.core.load_catalog()
         asyncio.run(self.core.load_signals())
         self._profiles: dict[str, ProfileView] = {}

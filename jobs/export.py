@@ -10,6 +10,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from actors.profile import Profile, ProfileRules
@@ -23,12 +24,17 @@ CHUNK = 10_000
 
 
 def run(out: Path, settings: Settings | None = None) -> int:
-    fleet = fleet_for_job(settings)
-    fleet.checkpoint()
-    rules = ProfileRules.from_settings(fleet.settings)
-    now = time.time()
     if out.suffix not in (".parquet", ".jsonl"):
         raise PersonaError(f"{out}: export to .parquet or .jsonl")
+    with fleet_for_job(settings) as fleet:
+        fleet.checkpoint()
+        rules = ProfileRules.from_settings(fleet.settings)
+        return write(fleet.store.scan_profiles(), rules, out)
+
+
+def write(stored: Iterable[tuple[str, bytes]], rules: ProfileRules, out: Path) -> int:
+    """Write the views of stored profiles (user, blob) to ``out``; returns how many."""
+    now = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     writer = None
@@ -58,7 +64,7 @@ def run(out: Path, settings: Settings | None = None) -> int:
         rows.clear()
 
     with out.open("w") if out.suffix == ".jsonl" else contextlib.nullcontext() as text:
-        for user, blob in fleet.store.scan_profiles():
+        for user, blob in stored:
             record = codec.decode(blob, what=f"profile {user}")
             view = profile_view(Profile.from_record(record, rules).view(rules), rules, now)
             count += 1

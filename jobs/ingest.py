@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -310,9 +311,12 @@ def _ingest_one_task(row: dict) -> dict:
     from jobs.common import fleet_for_job
 
     settings = Settings(**row["settings"])
-    fleet = fleet_for_job(settings)
     path = Path(row["path"])
-    with open(row["dead_letter"], "a") as dead:
+    # The worker process outlives the task: the task's store session must not.
+    with (
+        contextlib.closing(fleet_for_job(settings)) as fleet,
+        open(row["dead_letter"], "a") as dead,
+    ):
         summary = asyncio.run(
             ingest_file(
                 fleet, path, batch_size=row["batch"], in_flight=row["in_flight"], dead_letter=dead
@@ -353,46 +357,47 @@ def run(
 
     settings = settings or settings_for_command()
     files = expand(paths)
-    fleet = fleet_for_job(settings)
-    dead_path = dead_letter or str(Path(settings.data_dir) / "dead-letter.jsonl")
-    Path(dead_path).parent.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    total = Summary(dead_letter=dead_path)
-    if distributed is None:
-        distributed = len(files) > 1
-    if distributed:
-        import ray.data
+    # The job's store session is closed when it ends (Ray Data tasks close their own).
+    with contextlib.closing(fleet_for_job(settings)) as fleet:
+        dead_path = dead_letter or str(Path(settings.data_dir) / "dead-letter.jsonl")
+        Path(dead_path).parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        total = Summary(dead_letter=dead_path)
+        if distributed is None:
+            distributed = len(files) > 1
+        if distributed:
+            import ray.data
 
-        rows = task_rows(files, settings, dead_path, batch_size, in_flight)
-        results = ray.data.from_items(rows).map(_ingest_one_task).take_all()
-        with open(dead_path, "w") as merged:
-            for row in rows:
-                part = Path(row["dead_letter"])
-                if part.exists():
-                    merged.write(part.read_text())
-                    part.unlink()
-        for result in results:
-            total.add(Summary.from_row(result))
-    else:
-        progress = Progress(sum(p.stat().st_size for p in files), stream)
-        done = 0
-        with open(dead_path, "w") as dead:
-            for path in files:
-                total.add(
-                    asyncio.run(
-                        ingest_file(
-                            fleet,
-                            path,
-                            batch_size=batch_size,
-                            in_flight=in_flight,
-                            dead_letter=dead,
-                            progress=progress,
-                            bytes_before=done,
+            rows = task_rows(files, settings, dead_path, batch_size, in_flight)
+            results = ray.data.from_items(rows).map(_ingest_one_task).take_all()
+            with open(dead_path, "w") as merged:
+                for row in rows:
+                    part = Path(row["dead_letter"])
+                    if part.exists():
+                        merged.write(part.read_text())
+                        part.unlink()
+            for result in results:
+                total.add(Summary.from_row(result))
+        else:
+            progress = Progress(sum(p.stat().st_size for p in files), stream)
+            done = 0
+            with open(dead_path, "w") as dead:
+                for path in files:
+                    total.add(
+                        asyncio.run(
+                            ingest_file(
+                                fleet,
+                                path,
+                                batch_size=batch_size,
+                                in_flight=in_flight,
+                                dead_letter=dead,
+                                progress=progress,
+                                bytes_before=done,
+                            )
                         )
                     )
-                )
-                done += path.stat().st_size
-                progress.update(done, total.read, force=True)
+                    done += path.stat().st_size
+                    progress.update(done, total.read, force=True)
     total.seconds = time.monotonic() - started
     return total
 

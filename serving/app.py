@@ -198,6 +198,18 @@ class Ingress:
             self.settings.max_items_per_request, MAX_EMBEDDING_DIM + 2 * MAX_TOPICS, "items"
         )
 
+    def __del__(self) -> None:
+        # Serve calls this when it stops the replica (serve.ingress's wrapper, after the
+        # ASGI shutdown, on the replica's loop); Python calls it when it frees an instance
+        # whose __init__ failed part way. Stops the refresh and closes the store session
+        # the replica opened (its fleet and recommender only borrow it).
+        refresher = getattr(self, "_refresher", None)
+        if refresher is not None:
+            refresher.cancel()
+        store, self.store = getattr(self, "store", None), None
+        if store is not None:
+            store.close()
+
     def _keep_recommender_fresh(self) -> None:
         if self._refresher is None or self._refresher.done():
             self._refresher = asyncio.get_running_loop().create_task(self.recommender.keep_fresh())
@@ -496,7 +508,7 @@ def build_app(args: Settings | dict | None = None, *, replicas: int | None = Non
     # would run open where it must not is refused (serving.auth).
     tokens = access_tokens(settings)
     refuse_open_exposure(settings, tokens)
-    Fleet.start(settings).store.close()
+    Fleet.start(settings).close()
     ingress = Ingress if replicas is None else Ingress.options(num_replicas=replicas)
     return ingress.bind(dataclasses.asdict(settings.public()), tokens)
 

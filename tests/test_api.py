@@ -543,6 +543,40 @@ def test_every_response_is_counted_by_endpoint_status_and_variant(api):
     assert not missing, (missing, after)
 
 
+def test_a_replica_closes_the_store_it_opened_when_stopped_or_failing_to_start(
+    tmp_path, monkeypatch
+):
+    import dataclasses
+    import gc
+    import sqlite3
+
+    import serving.app
+    from persona.errors import ConfigError
+    from persona.settings import load_settings
+    from storage import open_store
+
+    opened = []
+
+    def recording_open_store(**options):
+        opened.append(open_store(**options))
+        return opened[-1]
+
+    settings = load_settings(store_url=f"sqlite:///{tmp_path}/persona.db", partitions=4)
+    replica_class = serving.app.Ingress.func_or_class.__mro__[1]
+    # Serve copied the module's globals into the class when it was decorated.
+    monkeypatch.setitem(replica_class.__init__.__globals__, "open_store", recording_open_store)
+    with pytest.raises(ConfigError):  # no fleet: the replica refuses to start...
+        replica_class(dataclasses.asdict(settings), {})
+    gc.collect()
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):  # ...and its store is closed
+        opened[0].get_meta("partitions")
+    replica = object.__new__(replica_class)  # what Serve calls when it stops a replica
+    replica.store, replica._refresher = recording_open_store(settings=settings), None
+    replica.__del__()
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        opened[1].get_meta("partitions")
+
+
 def test_an_ingress_replica_joins_a_fleet_and_never_starts_one(tmp_path):
     """Replicas come and go with load: starting the fleet is the app builder's job, so a
     replica over a store with no fleet refuses to start instead of creating shards."""

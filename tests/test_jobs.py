@@ -137,6 +137,9 @@ class FakeFleet:
         self.attempts: Counter = Counter()
         self.applied: set = set()
 
+    def close(self) -> None:
+        pass
+
     async def apply_async(self, source, events, *, lines=None, all_or_nothing=False):
         self.attempts[lines[0]] += 1
         if self.fails(lines, self.attempts[lines[0]]):

@@ -274,3 +274,37 @@ def test_evicted_or_restarted_users_load_from_the_store_on_read(fleet):
     assert stats["resident"] == 0  # nothing replayed: the checkpoint covered it
     assert fleet.get_profiles(["lazy"])["lazy"].counters == {"save": 1}
     assert ray.get(fleet.shards[name].stats.remote())["loaded"] == 1
+
+
+def test_a_fleet_closes_the_store_it_opened_and_never_one_it_was_given(fleet):
+    import sqlite3
+
+    borrowed = Fleet.connect(fleet.settings, fleet.store)
+    borrowed.close()
+    assert len(fleet.store.get_assignments()) == fleet.partitions  # the caller's, still open
+    with Fleet.connect(fleet.settings) as own:
+        assert own.get_profiles(["nobody"]) == {}
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        own.store.get_assignments()
+    own.close()  # idempotent
+
+
+def test_a_fleet_that_cannot_connect_closes_the_store_it_opened(tmp_path, monkeypatch):
+    import sqlite3
+
+    import actors.fleet
+    from persona.errors import ConfigError
+    from persona.settings import load_settings
+
+    opened = []
+
+    def recording_open_store(**options):
+        opened.append(open_store(**options))
+        return opened[-1]
+
+    monkeypatch.setattr(actors.fleet, "open_store", recording_open_store)
+    settings = load_settings(store_url=f"sqlite:///{tmp_path}/persona.db", partitions=4)
+    with pytest.raises(ConfigError, match="start the fleet first"):
+        Fleet.connect(settings)
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        opened[0].get_assignments()
