@@ -106,7 +106,7 @@ class Settings:
     # similarities of many recent items: on MovieLens, M=20 cut validation recall of
     # the co-engagement source by a third and M=100 lost almost nothing.
     co_engagement_neighbours: int = 100
-    # A co-engagement pair: an engagement and one of the user's CONTEXT (20) engagements
+    # A co-engagement pair: an engagement and one of the user's CONTEXT engagements
     # before it (actors/item_stats.py), at most this far apart: fifty ratings in ten
     # minutes pair with their neighbours in the sequence, and a once-a-day visitor's
     # items with yesterday's.
