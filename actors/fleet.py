@@ -30,7 +30,7 @@ from actors.routing import (
     split_by_owner,
 )
 from actors.shard import shard_actor
-from persona.errors import ConfigError, InvalidEvents, StaleEpoch
+from persona.errors import ConfigError, InvalidEvents, ShardUnavailable, StaleEpoch
 from persona.settings import Settings
 from storage import Assignment, Store, open_store
 
@@ -128,8 +128,32 @@ class Fleet:
                 continue
             if create:
                 self.shards[name] = shard_actor(self.settings, name, self.partitions)
-            else:
+                continue
+            try:
                 self.shards[name] = ray.get_actor(name, namespace=self.settings.namespace)
+            except ValueError:  # no live actor of that name
+                owned = sorted(p for p, owner in self.owners.items() if owner == name)
+                raise ShardUnavailable(
+                    f"{name} owns partition(s) {owned[:10]}{' ...' if len(owned) > 10 else ''} "
+                    f"in the store but is not running in Ray namespace "
+                    f"{self.settings.namespace!r}: requests for them cannot be routed until it "
+                    "runs again (`persona scale --shards N` starts the fleet's missing shards)"
+                ) from None
+
+    def _handle(self, name: str) -> ray.actor.ActorHandle:
+        """The shard's handle; one forgotten (it died) is looked up again, or the
+        request fails at once with ShardUnavailable."""
+        handle = self.shards.get(name)
+        if handle is None:
+            self._bind_shards(create=False)
+            handle = self.shards[name]
+        return handle
+
+    def forget_if_dead(self, name: str, error: BaseException) -> None:
+        """Drop the handle of a shard that died for good, so the next refresh looks the
+        name up again: it finds a new incarnation, or says the shard is gone."""
+        if isinstance(error, ray.exceptions.ActorDiedError):
+            self.shards.pop(name, None)
 
     def shutdown(self) -> None:
         """Kill the shard actors (their state is in the store; a later start recovers),
@@ -204,7 +228,7 @@ class Fleet:
             # partitions moved in between.
             results = await asyncio.gather(
                 *(
-                    self.shards[n].apply_batch.remote(
+                    self._handle(n).apply_batch.remote(
                         source, pending[n][0], True, pending[n][1], self.fingerprint, span
                     )
                     for n in names
@@ -214,6 +238,7 @@ class Fleet:
             rerouted_events, rerouted_lines = [], []
             for name, result in zip(names, results, strict=True):
                 if _is_moved(result):
+                    self.forget_if_dead(name, result)
                     rerouted_events += pending[name][0]
                     rerouted_lines += pending[name][1]
                     continue
@@ -253,12 +278,13 @@ class Fleet:
             groups = group_users(wanted, self.owners, self.partitions)
             names = list(groups)
             parts = await asyncio.gather(
-                *(self.shards[n].get_profiles.remote(groups[n]) for n in names),
+                *(self._handle(n).get_profiles.remote(groups[n]) for n in names),
                 return_exceptions=True,
             )
             wanted = []
             for name, part in zip(names, parts, strict=True):
                 if _is_moved(part):
+                    self.forget_if_dead(name, part)
                     wanted += groups[name]
                 elif isinstance(part, BaseException):
                     raise _unwrap(part)
@@ -274,17 +300,19 @@ class Fleet:
         return _run(self.get_profiles_async(user_ids))
 
     def owner_of(self, user_id: str) -> ray.actor.ActorHandle:
-        return self.shards[self.owners[partition_of(user_id, self.partitions)]]
+        return self._handle(self.owners[partition_of(user_id, self.partitions)])
 
     async def delete_user_async(self, user_id: str) -> bool:
         deadline = time.monotonic() + REROUTE_SECONDS
         attempt = 0
         while True:
+            owner = self.owners[partition_of(user_id, self.partitions)]
             try:
-                return await self.owner_of(user_id).delete_user.remote(user_id)
+                return await self._handle(owner).delete_user.remote(user_id)
             except Exception as exc:  # only a moved partition is retried
                 if not _is_moved(exc):
                     raise _unwrap(exc) from None
+                self.forget_if_dead(owner, exc)
             attempt += 1
             await self._before_reroute(attempt, deadline, "deleting")
 

@@ -23,6 +23,13 @@ class StaleEpoch(PersonaError):
     partition and must not write it."""
 
 
+class ShardUnavailable(PersonaError):
+    """The shard the store names as a partition's owner is not running (killed for
+    good, or never started in this namespace): requests for that partition cannot be
+    routed until it runs again. The message names the shard and its partitions. Like
+    any refused write, it may have landed: resend it under the same source."""
+
+
 class JournalConflict(PersonaError):
     """A journal position is already taken: another incarnation of the writer (or a
     seal) got there first, so this writer is stale."""

@@ -494,15 +494,20 @@ class Ingress:
         return decode_item(item_id, found[item_id])
 
 
-def build_app(args: Settings | dict | None = None, *, replicas: int | None = None):
+def build_app(args: Settings | dict | None = None):
     """Serve application builder: `serve run serving.app:build_app` or serve.yaml's import_path.
 
     ``args`` is the settings object of the process that starts the app (`persona up`
     passes its own), or a dict of overrides of the PERSONA_* variables where the
-    application is built (Serve's config files). The builder, not the replicas,
-    makes sure the fleet exists (idempotent); every replica gets these settings.
-    ``replicas`` fixes the ingress replica count (benchmarks); deployments otherwise
-    take serve.yaml's."""
+    application is built (Serve's config files). Serve calls a builder with exactly one
+    argument (it refuses any other signature at deploy time). The builder, not the
+    replicas, makes sure the fleet exists (idempotent); every replica gets these
+    settings. Deployment options (replicas, autoscaling) come from serve.yaml."""
+    return build_ingress(args)
+
+
+def build_ingress(args: Settings | dict | None = None, *, replicas: int | None = None):
+    """`build_app` with the ingress replica count fixed (benchmarks, evaluation)."""
     settings = args if isinstance(args, Settings) else load_settings(**(args or {}))
     # Here, before anything starts: the plaintext token becomes a digest, and an app that
     # would run open where it must not is refused (serving.auth).

@@ -593,3 +593,38 @@ def test_an_ingress_replica_joins_a_fleet_and_never_starts_one(tmp_path):
         replica_class(dataclasses.asdict(settings), {})
     with open_store(settings=settings) as store:
         assert store.get_assignments() == {}
+
+
+def test_a_shard_that_is_gone_is_a_503_naming_it_until_it_runs_again(api):
+    """A shard killed for good (the store still names it as an owner): readiness lists
+    it as down and a write to its partitions answers 503 shard_unavailable with its name
+    at once; both recover once the fleet's shards are started again."""
+    from actors.fleet import Fleet
+    from actors.routing import partition_of
+    from storage import open_store
+
+    with open_store(settings=api.settings) as store:
+        fleet = Fleet.connect(api.settings, store)
+        owner = fleet.owners[partition_of("orphan", fleet.partitions)]
+        try:
+            # The replica holds a handle to the shard that dies.
+            assert api.get("/readyz", headers=AUTH).status_code == 200
+            ray.kill(fleet.shards[owner], no_restart=True)
+            ready = api.get("/readyz", headers=AUTH)
+            assert ready.status_code == 503 and ready.json()["store"] == "ok", ready.json()
+            assert ready.json()["shards"][owner].startswith("down"), ready.json()
+            fleet = Fleet.start(api.settings, store)  # the shard runs again, from the store
+            ready = api.get("/readyz", headers=AUTH)
+            assert ready.status_code == 200, ready.json()
+            ray.kill(fleet.shards[owner], no_restart=True)
+            refused = post(api, [event(user="orphan")], **{"Idempotency-Key": "orphan-1"})
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "shard_unavailable"
+            assert owner in refused.json()["error"]["message"]
+        finally:
+            Fleet.start(api.settings, store)
+        again = post(api, [event(user="orphan")], **{"Idempotency-Key": "orphan-1"})
+        # ray.kill is asynchronous: the refused write may have landed just before the end.
+        assert again.status_code == 200, again.text
+        assert again.json()["applied"] + again.json()["duplicate"] == 1, again.text
+        assert api.get("/readyz", headers=AUTH).status_code == 200

@@ -13,7 +13,7 @@ import ray
 
 from actors.fleet import Fleet
 from actors.routing import partition_of, plan_moves
-from persona.errors import StaleEpoch
+from persona.errors import ShardUnavailable, StaleEpoch
 from tests.test_shards import assert_matches_reference, make_batch, reference_profiles
 
 CASSANDRA = pytest.mark.parametrize("fresh_settings", ["cassandra"], indirect=True)
@@ -204,3 +204,31 @@ def test_new_owner_killed_right_after_a_move_recognises_retries(fleet):
             time.sleep(0.25)
     assert again == {"applied": 0, "duplicate": 200, "rejected": 0, "errors": []}
     assert_matches_reference(fleet, reference_profiles(fleet.settings, [batch]))
+
+
+def test_a_write_to_a_shard_that_is_gone_fails_fast_naming_it(fleet, connect_fleet):
+    """A partition whose owner, as the store names it, no longer runs (killed for good,
+    or never started in this namespace) cannot be routed: the write fails at once with
+    the shard and its partitions, and is not re-routed until the re-route deadline
+    answers "partitions kept moving". Once the shard runs again, the same fleet object
+    (a replica's) finds the new incarnation and the retry applies exactly once."""
+    user = "orphaned-user"
+    event = {"user_id": user, "item_id": "a", "action": "click", "ts": time.time()}
+    partition = partition_of(user, fleet.partitions)
+    owner = fleet.owners[partition]
+    writer = connect_fleet(fleet.settings)  # holds a handle to the shard that dies
+    assert writer.apply("before", [{**event, "item_id": "z"}])["applied"] == 1
+    ray.kill(fleet.shards[owner], no_restart=True)
+    with pytest.raises(ShardUnavailable) as refused:
+        writer.apply("orphaned", [event])
+    assert f"{owner}" in str(refused.value) and f"{partition}" in str(refused.value)
+    with pytest.raises(ShardUnavailable):
+        writer.get_profiles([user])
+    with pytest.raises(ShardUnavailable):
+        connect_fleet(fleet.settings)  # a replica starting now is told the same
+    Fleet.start(fleet.settings, fleet.store)  # what `persona scale` and `up` run first
+    # ray.kill is asynchronous: the refused write may have landed just before the end.
+    first = writer.apply("orphaned", [event])
+    assert first["applied"] + first["duplicate"] == 1, first
+    assert writer.apply("orphaned", [event])["duplicate"] == 1
+    assert user in writer.get_profiles([user])
