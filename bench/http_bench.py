@@ -160,7 +160,7 @@ def main() -> None:
     from actors.catalog import encode_item
     from actors.fleet import Fleet
     from persona.settings import load_settings
-    from serving.app import build_app
+    from serving.app import build_ingress
     from storage import open_store
 
     base = load_settings()
@@ -197,7 +197,7 @@ def main() -> None:
         resident = sum(s["resident"] for s in fleet.stats())
         serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
         handle = serve.run(
-            build_app(overrides, replicas=args.replicas), name="persona", route_prefix="/"
+            build_ingress(overrides, replicas=args.replicas), name="persona", route_prefix="/"
         )
         wait_port(SERVE_PORT)
         # A catalog upsert over HTTP makes the recommender reload catalog and signals.

@@ -334,7 +334,7 @@ class PersonaFleet:
 
         from ray import serve
 
-        from serving.app import build_app
+        from serving.app import build_ingress
 
         port = port or _free_port()
         serve.start(
@@ -348,7 +348,7 @@ class PersonaFleet:
             "experiments": self.settings.experiments,
             "data_dir": self.settings.data_dir,
         }
-        serve.run(build_app(overrides, replicas=1), name=name, route_prefix=f"/{name}")
+        serve.run(build_ingress(overrides, replicas=1), name=name, route_prefix=f"/{name}")
         try:
             base = f"http://127.0.0.1:{port}/{name}/v1/users"
             result = {}

@@ -38,3 +38,13 @@ def test_import_path_resolves_to_the_application_builder():
 
     module, _, name = load().applications[0].import_path.partition(":")
     assert __import__(module, fromlist=[name]).__dict__[name] is build_app
+
+
+def test_the_builder_takes_the_one_argument_serve_calls_it_with():
+    """`serve deploy serve.yaml` refuses a builder with any other signature, at deploy
+    time, long after the config parsed (tests/test_cluster.py deploys it for real)."""
+    import inspect
+
+    from serving.app import build_app
+
+    assert len(inspect.signature(build_app).parameters) == 1
