@@ -12,10 +12,12 @@ from persona.errors import ConfigError
 from persona.settings import Settings, load_settings
 
 
-def join_ray(settings: Settings) -> None:
+def join_ray(settings: Settings, *, join_local_head: bool = True) -> None:
     """Join the running cluster (a `ray job submit` or RAY_ADDRESS, the stack `persona
     up` recorded, or a local head), or start a local Ray when there is none, always
-    in Persona's namespace so the detached shards are visible."""
+    in Persona's namespace so the detached shards are visible. With
+    ``join_local_head=False`` a head some other `ray start` left on this machine is not
+    joined (the demo runs on a Ray of its own, not in whatever cluster it finds)."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -28,7 +30,7 @@ def join_ray(settings: Settings) -> None:
         connect(stack["ray_address"], settings.namespace)
         return
     address = os.environ.get("RAY_ADDRESS")
-    if address or _local_cluster_running():
+    if address or (join_local_head and _local_cluster_running()):
         ray.init(address=address or "auto", namespace=settings.namespace, logging_level="warning")
     else:
         ray.init(
@@ -82,8 +84,8 @@ def settings_for_command(**overrides) -> Settings:
     return running
 
 
-def fleet_for_job(settings: Settings | None = None) -> Fleet:
+def fleet_for_job(settings: Settings | None = None, *, join_local_head: bool = True) -> Fleet:
     """The running fleet, or a new one (idempotent) when none is up yet."""
     settings = settings or settings_for_command()
-    join_ray(settings)
+    join_ray(settings, join_local_head=join_local_head)
     return Fleet.start(settings)

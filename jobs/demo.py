@@ -80,7 +80,7 @@ def run(
     say(f"   {summary['events']:,} events written")
 
     say(f"2. Starting the shards (store: {settings.resolved_store_url()})")
-    fleet = fleet_for_job(settings)
+    fleet = fleet_for_job(settings, join_local_head=False)
     say(f"   {len(fleet.shards)} shards over {fleet.partitions} partitions")
     say(f"   catalog: {_load_catalog(fleet.store, data / 'items.jsonl'):,} items")
 

@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -427,8 +428,17 @@ def test_demo_once_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "applied 6,000" in out
-    assert "Profile of user-" in out and "top interests:" in out
-    assert "Recommendations for user-" in out and "/docs" in out
+    # The profile it printed was fetched over HTTP and holds every event of that user
+    # in the file it generated, no more.
+    user, events = re.search(r"Profile of (\S+) \(GET .*\n\s+events (\d+)", out).groups()
+    generated = tmp_path / "demo" / "events.jsonl"
+    expected = sum(json.loads(line)["user_id"] == user for line in generated.open())
+    assert int(events) == expected > 0
+    assert "top interests:" in out
+    recommended = re.search(r"Recommendations for .*\n((?:   \S+  [-\d.]+  .*\n)+)", out)
+    assert recommended and len(recommended.group(1).splitlines()) == 8
+    # The evaluation table names Persona and the baselines measured in the same run.
+    assert "Offline evaluation" in out and "item-knn" in out.lower() and "/docs" in out
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
