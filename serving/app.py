@@ -27,6 +27,7 @@ from persona.errors import (
     CorruptRecord,
     InvalidEvents,
     PersonaError,
+    ShardUnavailable,
     StaleEpoch,
     StoreUnavailable,
 )
@@ -78,6 +79,7 @@ _STATUS = [
     (InvalidEvents, 422, "invalid_events"),
     (StoreUnavailable, 503, "store_unavailable"),
     (StaleEpoch, 503, "partition_moving"),
+    (ShardUnavailable, 503, "shard_unavailable"),
     (CorruptRecord, 500, "corrupt_record"),
     (ConfigError, 500, "misconfigured"),
     (PersonaError, 500, "internal"),
@@ -247,18 +249,25 @@ class Ingress:
             await asyncio.wait_for(asyncio.to_thread(self.store.ping), timeout=3.0)
             # Ask the shards that own partitions now, not the ones of a scale ago.
             await asyncio.wait_for(self.fleet.refresh_async(), timeout=3.0)
+        except ShardUnavailable:
+            pass  # the store answered; the shard that is not running is listed below
         except (PersonaError, TimeoutError) as exc:
             store_state = f"down: {exc or 'timeout'}"
 
-        async def ping(handle) -> str:
+        async def ping(name: str) -> str:
+            handle = self.fleet.shards.get(name)
+            if handle is None:
+                return "down: not running"
             try:
                 await asyncio.wait_for(handle.ping.remote(), timeout=3.0)
                 return "ok"
             except Exception as exc:  # any failure means "not answering"
+                self.fleet.forget_if_dead(name, exc)  # looked up again on the next refresh
                 return f"down: {type(exc).__name__}"
 
-        names = list(self.fleet.shards)
-        states = await asyncio.gather(*(ping(self.fleet.shards[n]) for n in names))
+        # Every shard the assignment names, running or not.
+        names = sorted(set(self.fleet.owners.values()) | set(self.fleet.shards))
+        states = await asyncio.gather(*(ping(n) for n in names))
         shards = dict(zip(names, states, strict=True))
         ready = store_state == "ok" and all(s == "ok" for s in shards.values())
         body = {"status": "ready" if ready else "not ready"}
