@@ -67,7 +67,7 @@ def _up(args: argparse.Namespace) -> int:
     state = up(_settings(args, starting=True), haproxy=not args.no_haproxy)
     print(
         f"Persona is up: API {state['api']} (docs {state['api']}/docs), "
-        f"shards {', '.join(state['shards'])}; dashboard http://127.0.0.1:8265"
+        f"shards {', '.join(state['shards'])}; dashboard {state['dashboard']}"
     )
     return 0
 
@@ -283,7 +283,15 @@ def _join_with_ray_token(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # A pass-through command hands its arguments to the job's own parser. argparse's
+    # REMAINDER takes nothing when they start with an option (`persona generate --users
+    # 10 ...`), so options it did not take go to the job too, in their order.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not hasattr(args, "rest"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.rest = [*unknown, *args.rest]
     try:
         _join_with_ray_token(args)
         return args.run(args)
