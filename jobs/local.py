@@ -111,6 +111,13 @@ def port_holder(port: int) -> str | None:
     return "another process"
 
 
+def _unused_port() -> int:
+    """A port nothing listens on now, for the head's internal endpoints."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -187,6 +194,9 @@ def _start_head(settings: Settings, haproxy: bool, log_path: Path) -> subprocess
         "RAY_AUTH_MODE": "token",
         # Job entrypoints say `python`: make that this installation's interpreter.
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        # A submitted job runs in a copy of its working dir, whose own default data dir
+        # holds no stack record: this one does, so the job acts with the stack's settings.
+        "PERSONA_DATA_DIR": str(Path(settings.data_dir).resolve()),
         **(HAPROXY_ENV if haproxy else {}),
     }
     command = [
@@ -199,6 +209,10 @@ def _start_head(settings: Settings, haproxy: bool, log_path: Path) -> subprocess
         f"--port={settings.ray_port}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={settings.dashboard_port}",
+        # Ray's defaults for these (52365, 10001) are fixed: a second head on the machine
+        # (another stack, a test cluster) would leave this one without a job agent.
+        f"--dashboard-agent-listen-port={_unused_port()}",
+        f"--ray-client-server-port={_unused_port()}",
         "--disable-usage-stats",
         f"--resources={json.dumps(local_resources())}",
     ]
