@@ -334,9 +334,10 @@ def status(settings: Settings) -> dict:
 
     connect(record["ray_address"], record["settings"]["namespace"])
     try:
-        report["shards"] = Fleet.connect(stack_settings(record)).stats()
-    except Exception as exc:
-        report["shards"] = f"not running ({exc})"
+        with Fleet.connect(stack_settings(record)) as fleet:  # closes its store session
+            report["shards"] = fleet.stats()
+    except Exception as exc:  # a report, not a crash: say what failed
+        report["shards"] = f"not answering ({type(exc).__name__}: {exc})"
     finally:
         ray.shutdown()
     try:
