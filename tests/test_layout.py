@@ -59,3 +59,16 @@ def test_imports_point_one_way(tier):
 @pytest.mark.parametrize("module", PURE)
 def test_pure_logic_has_no_ray(module):
     assert "ray" not in imported_packages(PROJECT_ROOT / module)
+
+
+def test_every_test_the_readme_names_exists():
+    """The README's "What happens when..." table proves each guarantee by naming a test:
+    a renamed or deleted test must not leave the README pointing at nothing."""
+    import re
+
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    sources = {p.stem: p.read_text() for p in (PROJECT_ROOT / "tests").glob("test_*.py")}
+    functions = {name for text in sources.values() for name in re.findall(r"def (test_\w+)", text)}
+    named = set(re.findall(r"\b(test_\w+)", readme))
+    assert named, "the README names its tests"
+    assert named - functions - set(sources) == set()
