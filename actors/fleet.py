@@ -205,6 +205,7 @@ class Fleet:
         batches, applies nothing twice. A batch is a range of its source: no other
         batch of the same source may hold a line between its first and last (each
         partition records the whole range as applied)."""
+        arrived_at = time.time()  # the batch's arrival, for the shards' freshness delays
         valid, errors = self.validate(events)
         if errors and all_or_nothing:
             raise InvalidEvents(errors)
@@ -229,7 +230,13 @@ class Fleet:
             results = await asyncio.gather(
                 *(
                     self._handle(n).apply_batch.remote(
-                        source, pending[n][0], True, pending[n][1], self.fingerprint, span
+                        source,
+                        pending[n][0],
+                        True,
+                        pending[n][1],
+                        self.fingerprint,
+                        span,
+                        arrived_at,
                     )
                     for n in names
                 ),

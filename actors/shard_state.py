@@ -40,6 +40,7 @@ import numpy as np
 from actors.catalog import decode_item, item_vector
 from actors.dedup import DedupIndex, LineSet, dedup_key
 from actors.events import EventValidator, ValidEvent
+from actors.freshness import Freshness
 from actors.item_stats import ItemStats
 from actors.profile import ProfileRules
 from actors.profile_table import ProfileTable
@@ -91,6 +92,8 @@ class CheckedBatch:
     # partition in that range is in this batch, so the range is what a partition
     # records as applied (a file's consecutive batches then merge into one interval).
     span: tuple[int, int] | None = None
+    # When the batch reached the fleet (wall clock), for the arrival-to-applied delay.
+    arrived_at: float | None = None
 
     def users(self) -> list[str]:
         return list(dict.fromkeys(e[0] for e in self.events))
@@ -110,6 +113,7 @@ class PreparedBatch:
     blob: bytes
     fence: dict[int, int]
     ack: Ack
+    arrived_at: float | None = None
 
 
 class ShardState:
@@ -153,6 +157,7 @@ class ShardState:
             "quarantined": 0,
         }
         self.last_checkpoint_at = time.monotonic()
+        self.freshness = Freshness()
 
     def partition(self, user_id: str) -> int:
         return partition_of(user_id, self.partitions)
@@ -460,6 +465,7 @@ class ShardState:
         *,
         validated: bool,
         span: Sequence[int] | None = None,
+        arrived_at: float | None = None,
     ) -> CheckedBatch:
         """Validate a batch (or check a pre-validated one against this shard's rules)
         and pair each valid event with its line (default: its index)."""
@@ -476,12 +482,12 @@ class ShardState:
         if validated:
             valid = [tuple(e) for e in events]
             self.check_trusted(valid)
-            return CheckedBatch(valid, list(lines), [], span)
+            return CheckedBatch(valid, list(lines), [], span, arrived_at)
         valid, errors = self.validator.validate(events)
         self.totals["rejected"] += len(errors)
         bad = {e["index"] for e in errors}
         kept = [line for n, line in enumerate(lines) if n not in bad]
-        return CheckedBatch(valid, kept, errors, span)
+        return CheckedBatch(valid, kept, errors, span, arrived_at)
 
     def check_trusted(self, events: Sequence[Sequence]) -> None:
         """Refuse pre-validated events this shard's rules cannot apply (a fleet started
@@ -588,7 +594,9 @@ class ShardState:
             row["span"] = list(batch.span)
         blob = codec.encode(row)
         seq = self.last_seq + 1
-        return PreparedBatch(source, seq, events, lines, users, keys, blob, fence, ack)
+        return PreparedBatch(
+            source, seq, events, lines, users, keys, blob, fence, ack, batch.arrived_at
+        )
 
     def append(self, batch: PreparedBatch) -> None:
         """Write-ahead: the journal row must be durable before anything is applied.
@@ -631,6 +639,8 @@ class ShardState:
             self.dedup.record(key, partition, lines)
         self.last_seq = batch.seq
         self.totals["applied"] += batch.ack.applied
+        # Live batches only: a replayed row's delay says how long the shard was down.
+        self.freshness.record(batch.events, batch.arrived_at, time.time(), time.monotonic())
         return batch.ack
 
     # --- pinning (batches in flight) ---
@@ -818,6 +828,7 @@ class ShardState:
             "dedup_entries": len(self.dedup),
             "pending_deletes": len(self.pending_deletes),
             **self.totals,
+            "freshness": self.freshness.summary(time.monotonic()),
         }
 
 

@@ -383,6 +383,13 @@ def measured_bounds(r: dict) -> list[str]:
             f"resolving them alone takes {floor_us:.2f} us/event, at most "
             f"{1e6 / floor_us:,.0f} events/s with nothing else done. Measured "
             f"{apply['apply_events_per_s']:,.0f} events/s."
+            + (
+                f" Recording freshness (the event and arrival delays' buckets) adds "
+                f"{apply['freshness_record_ns_per_event']:.0f} ns/event, "
+                f"{apply['freshness_share_of_apply']:.1%} of the apply."
+                if "freshness_record_ns_per_event" in apply
+                else ""
+            )
         )
     ingest = r.get("ingest", {})
     if "cpu_us_per_event" in ingest:

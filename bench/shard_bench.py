@@ -31,6 +31,7 @@ from collections import defaultdict
 import numpy as np
 
 from actors.dedup import dedup_key
+from actors.freshness import Freshness
 from actors.profile import ProfileRules
 from actors.profile_table import ProfileTable
 from actors.shard_state import CHECKPOINT_CHUNK, CheckedBatch, ShardState
@@ -76,6 +77,12 @@ def bench_apply(args) -> dict:
     for n, batch in enumerate(batches):
         state.apply_in_memory(batch, 100 + n)
     apply_s = time.perf_counter() - start
+    # Freshness on the same batches: what ShardState.commit adds per applied batch.
+    freshness = Freshness()
+    start = time.perf_counter()
+    for batch in batches:
+        freshness.record(batch, time.time() - 0.01, time.time(), time.monotonic())
+    freshness_s = time.perf_counter() - start
     dict_batches = [as_dicts(b) for b in batches[:10]]
     start = time.perf_counter()
     for batch in dict_batches:
@@ -96,6 +103,8 @@ def bench_apply(args) -> dict:
         "validate_events_per_s": total / validate_s,
         "validate_and_apply_events_per_s": total / (apply_s + validate_s),
         "naive_dict_events_per_s": total / naive_s,
+        "freshness_record_ns_per_event": freshness_s / total * 1e9,
+        "freshness_share_of_apply": freshness_s / apply_s,
         # The floor of any per-event work here: resolving the event's string ids
         # (user, item, each topic) to numbers, one dict lookup each.
         "id_lookups_per_event": lookups[0],
