@@ -74,10 +74,13 @@ class RequestMetrics:
             )
             self._latency = metrics.Histogram(
                 "persona_request_latency_ms",
-                description="Request latency by endpoint",
+                description="Request latency by endpoint and status",
                 boundaries=[1, 2, 5, 10, 25, 50, 100, 250, 1000],
-                tag_keys=("endpoint",),
+                tag_keys=("endpoint", "status"),
             )
         tags = {"endpoint": endpoint, "status": str(status), "variant": variant}
         self._requests.inc(tags=tags)
-        self._latency.observe((time.perf_counter() - started) * 1000.0, tags={"endpoint": endpoint})
+        self._latency.observe(
+            (time.perf_counter() - started) * 1000.0,
+            tags={"endpoint": endpoint, "status": tags["status"]},
+        )
