@@ -63,6 +63,7 @@ def generate(
             )
     # Zipf popularity within each topic.
     by_topic = [np.flatnonzero(item_topic == t) for t in range(topics)]
+    stocked = [t for t, members in enumerate(by_topic) if len(members)]
     popularity = []
     for members in by_topic:
         ranks = rng.permutation(len(members)) + 1
@@ -93,9 +94,11 @@ def generate(
                     topic_now = int(rng.integers(0, topics))
                 else:
                     topic_now = topic if rng.random() < 0.8 else int(rng.choice(liked))
+                if not len(by_topic[topic_now]):
+                    # A small catalog leaves some topics without items: the event goes
+                    # to one that has some (asked for N events, the log has N).
+                    topic_now = int(rng.choice(stocked))
                 members = by_topic[topic_now]
-                if not len(members):
-                    continue
                 if previous is not None and rng.random() < 0.35:
                     # Sessions chain related items: a neighbour of the previous one.
                     near = members[np.argsort(np.abs(members - previous))[:5]]
