@@ -21,7 +21,7 @@ def join_ray(settings: Settings, *, join_local_head: bool = True) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from jobs.local import read_stack
+    from jobs.local import local_resources, read_stack
 
     stack = read_stack(settings)
     if not os.environ.get("RAY_ADDRESS") and stack is not None:
@@ -40,11 +40,6 @@ def join_ray(settings: Settings, *, join_local_head: bool = True) -> None:
             logging_level="warning",
             resources=local_resources(),
         )
-
-
-def local_resources() -> dict[str, float]:
-    """What a single-machine Ray offers: room for plenty of shards."""
-    return {"persona_shard": 64}
 
 
 def _local_cluster_running() -> bool:

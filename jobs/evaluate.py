@@ -424,7 +424,7 @@ def _start_ray(namespace: str) -> bool:
     or the cluster named by RAY_ADDRESS; False when Ray was already initialised."""
     import ray
 
-    from jobs.common import local_resources
+    from jobs.local import local_resources
 
     if ray.is_initialized():
         return False

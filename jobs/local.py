@@ -111,6 +111,11 @@ def port_holder(port: int) -> str | None:
     return "another process"
 
 
+def local_resources() -> dict[str, float]:
+    """What a single-machine Ray offers: room for plenty of shards."""
+    return {"persona_shard": 64}
+
+
 def _unused_port() -> int:
     """A port nothing listens on now, for the head's internal endpoints."""
     with socket.socket() as sock:
@@ -184,8 +189,6 @@ def _haproxy_ports() -> dict[str, int]:
 
 
 def _start_head(settings: Settings, haproxy: bool, log_path: Path) -> subprocess.Popen:
-    from jobs.common import local_resources
-
     env = {
         **os.environ,
         "RAY_USAGE_STATS_ENABLED": "0",
