@@ -102,6 +102,50 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def populate(settings, users: int, items: int) -> tuple:
+    """A store with ``items`` catalog items (one of 500 topics, a 16-dim embedding) and
+    a started fleet holding ``users`` users (three events each). Returns (store,
+    fleet, topics)."""
+    from actors.catalog import encode_item
+    from actors.fleet import Fleet
+    from storage import open_store
+
+    store = open_store(settings=settings)
+    rng = random.Random(4)
+    topics = [f"topic-{t}" for t in range(500)]
+    for at in range(0, items, 20_000):
+        store.upsert_items(
+            {
+                f"item-{i}": encode_item(
+                    {
+                        "topics": [topics[i % 500]],
+                        "embedding": [rng.gauss(0, 1) for _ in range(16)],
+                        "created_at": time.time() - i,
+                    }
+                )
+                for i in range(at, min(items, at + 20_000))
+            }
+        )
+    fleet = Fleet.start(settings, store)
+    events = as_dicts(synthetic_events(users * 3, users, items=items, seed=11))
+    for at in range(0, len(events), 10_000):
+        fleet.apply(f"load-{at}", events[at : at + 10_000])
+    return store, fleet, topics
+
+
+def wait_ready(base_url: str, topic: str) -> None:
+    """Wait for the app, then upsert one item: a catalog upsert over HTTP makes the
+    recommender reload catalog and signals."""
+    import httpx
+
+    wait_port(int(base_url.rsplit(":", 1)[1]))
+    httpx.put(
+        f"{base_url}/v1/items",
+        json={"items": [{"item_id": "item-0", "topics": [topic]}]},
+        timeout=120,
+    ).raise_for_status()
+
+
 def ceiling(users: int, seconds: int, connections: int) -> dict:
     process = subprocess.Popen(
         [
@@ -157,11 +201,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from actors.catalog import encode_item
-    from actors.fleet import Fleet
     from persona.settings import load_settings
     from serving.app import build_ingress
-    from storage import open_store
 
     base = load_settings()
     url, keyspace = store_url(args.store, base)
@@ -174,41 +215,15 @@ def main() -> None:
     settings = load_settings(**overrides)
     start_local_ray(settings.namespace)
     try:
-        store = open_store(settings=settings)
+        store, fleet, topics = populate(settings, args.users, args.items)
         rng = random.Random(4)
-        topics = [f"topic-{t}" for t in range(500)]
-        for at in range(0, args.items, 20_000):
-            store.upsert_items(
-                {
-                    f"item-{i}": encode_item(
-                        {
-                            "topics": [topics[i % 500]],
-                            "embedding": [rng.gauss(0, 1) for _ in range(16)],
-                            "created_at": time.time() - i,
-                        }
-                    )
-                    for i in range(at, min(args.items, at + 20_000))
-                }
-            )
-        fleet = Fleet.start(settings, store)
-        events = as_dicts(synthetic_events(args.users * 3, args.users, items=args.items, seed=11))
-        for at in range(0, len(events), 10_000):
-            fleet.apply(f"load-{at}", events[at : at + 10_000])
         resident = sum(s["resident"] for s in fleet.stats())
         serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
         handle = serve.run(
             build_ingress(overrides, replicas=args.replicas), name="persona", route_prefix="/"
         )
-        wait_port(SERVE_PORT)
-        # A catalog upsert over HTTP makes the recommender reload catalog and signals.
-        import httpx
-
-        httpx.put(
-            f"http://127.0.0.1:{SERVE_PORT}/v1/items",
-            json={"items": [{"item_id": "item-0", "topics": [topics[0]]}]},
-            timeout=120,
-        ).raise_for_status()
         base_url = f"http://127.0.0.1:{SERVE_PORT}"
+        wait_ready(base_url, topics[0])
         del handle
         results["resident_users"] = resident
         results["profile"] = run_wrk(

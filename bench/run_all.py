@@ -43,6 +43,8 @@ def sizes(quick: bool) -> dict:
             "durability_appends": 1_000,
             "checkpoint_bounds": ["--users", "20000", "--sources", "100", "--checkpoints", "2"],
             "dedup_events": 200_000,
+            "exposure_s": 5,
+            "exposure_rounds": 2,
         }
     return {
         "store": 100_000,
@@ -58,6 +60,8 @@ def sizes(quick: bool) -> dict:
         "durability_appends": 3_000,
         "checkpoint_bounds": [],  # bench.checkpoint_bench's defaults: issue #11's sizes
         "dedup_events": 1_000_000,
+        "exposure_s": 15,
+        "exposure_rounds": 2,
     }
 
 
@@ -150,11 +154,36 @@ def run_dedup(size: dict, peers: bool = True) -> list[dict]:
     return runs
 
 
+def run_exposures(size: dict) -> dict:
+    """GET recommendations with exposure logging on and off, alternating (issue #14)."""
+    return run_module(
+        "bench.exposure_bench",
+        "--seconds",
+        str(size["exposure_s"]),
+        "--rounds",
+        str(size["exposure_rounds"]),
+        "--users",
+        str(size["http_users"]),
+        "--items",
+        str(size["http_items"]),
+    )
+
+
+def run_movielens(size: dict) -> dict:
+    """`persona evaluate` on MovieLens-100k with tuning and the HTTP path (same sizes
+    quick or not: the data set is what it is)."""
+    return run_module(
+        "jobs.evaluate", "--dataset", "movielens-100k", "--tune", "--http", timeout=3600
+    )
+
+
 # Benchmarks that can also run alone (--only NAME), merged into the last results.json.
 SEPARATE = {
     "durability": run_durability,
     "checkpoint_bounds": run_checkpoint_bounds,
     "dedup": run_dedup,
+    "exposures": run_exposures,
+    "movielens": run_movielens,
 }
 
 
@@ -186,6 +215,7 @@ def collect(quick: bool) -> dict:
         "--items",
         str(size["http_items"]),
     )
+    r["exposures"] = run_exposures(size)
     r["elastic"] = run_module("bench.elastic_bench", *(["--quick"] if quick else []))
     data = HERE / "out" / "eval"
     run_module(
@@ -200,6 +230,7 @@ def collect(quick: bool) -> dict:
         str(data),
     )
     r["quality"] = run_module("jobs.evaluate", str(data / "events.jsonl"), "--k", "10")
+    r["movielens"] = run_movielens(size)
     r["scaling"] = [
         run_module(
             "bench.shard_bench",
@@ -321,6 +352,13 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
             lambda v: v >= 1.5,
             "{:.2f}x",
         ),
+        row(
+            "GET recommendations req/s, exposure logging on / off (same run)",
+            ">= 0.95x",
+            _get(r, "exposures", "on_to_off"),
+            lambda v: v >= 0.95,
+            "{:.2f}x",
+        ),
         checkpoint_bounds_target(r.get("checkpoint_bounds") or []),
     ]
     return rows
@@ -400,6 +438,7 @@ def measured_bounds(r: dict) -> list[str]:
             f"**End-to-end ingest**: the machine was {ingest['machine_busy']:.0%} busy; every event "
             f"cost {ingest['cpu_us_per_event']:.1f} us of CPU in all ({parts}). "
             f"300,000 events/s on {cores} cores would need at most {cores * 1e6 / 300_000:.1f} us."
+            + _ingest_freshness(ingest)
         )
     checkpoint = r.get("checkpoint", {})
     store_writes = _get(r, "store", "store_bench", "cassandra", "write_per_s", default=0)
@@ -436,6 +475,26 @@ def measured_bounds(r: dict) -> list[str]:
                 f"is Serve's request path (HTTP server, middlewares, metrics), the shard hop{extra}."
             )
     return out
+
+
+def _ingest_freshness(ingest: dict) -> str:
+    """The shards' arrival -> applied delay during the ingest run (issue #14)."""
+    shards = {
+        name: f["arrival"]
+        for name, f in ingest.get("freshness", {}).items()
+        if f["arrival"].get("p50_s") is not None
+    }
+    if not shards:
+        return ""
+    return (
+        " Arrival at the fleet -> applied in the shard (p50 / p99, the batches in flight "
+        "queueing included): "
+        + ", ".join(
+            f"{name} {a['p50_s'] * 1000:,.0f} / {a['p99_s'] * 1000:,.0f} ms"
+            for name, a in sorted(shards.items())
+        )
+        + "."
+    )
 
 
 def plot(r: dict, out: Path) -> bool:
@@ -540,6 +599,13 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f}"
 
 
+def _concurrency_label(run: dict) -> str:
+    """Signal chunks in flight: the setting's default, or the value the run forced."""
+    if run["signal_concurrency_as_shipped"]:
+        return f"default ({run['signal_concurrency']})"
+    return f"{run['signal_concurrency']}"
+
+
 def checkpoint_bounds_section(runs: list) -> list[str]:
     runs = [c for c in runs if "checkpoints" in c]
     if not runs:
@@ -572,9 +638,7 @@ def checkpoint_bounds_section(runs: list) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
-        label = f"{run['signal_concurrency']}" + (
-            " (as shipped)" if run["signal_concurrency_as_shipped"] else ""
-        )
+        label = _concurrency_label(run)
         for n, c in enumerate(run["checkpoints"], 1):
             if c.get("failed"):
                 error = _errors([f["error"] for f in c["failures"]])
@@ -629,7 +693,9 @@ def checkpoint_bounds_section(runs: list) -> list[str]:
         "- Traffic between checkpoints trims items it pushes past 2*M neighbours back to "
         "M, so later checkpoints carry fewer signal chunks; every checkpoint writes all of "
         "them, changed or not.",
-        f"- The file of {first['file_lines']:,} lines is "
+        "- The bench fills the dedup index with a file's lines one by one, as ingest left "
+        "it before bca482d (shards now record each batch's whole span: one interval per "
+        f"partition). Filled that way, the file of {first['file_lines']:,} lines is "
         f"{first['file_dedup_intervals']:,} intervals in the dedup index "
         f"({first['file_dedup_memory_mib']:,.0f} MiB resident): its lines reach each "
         "partition's entry spread out, one interval per line, so a file's entries grow "
@@ -644,7 +710,7 @@ def checkpoint_bounds_section(runs: list) -> list[str]:
         same = rec["same_as_before"]
         equal = all(v for k, v in same.items() if k != "file_entries_read")
         lines.append(
-            f"- Recovery, signal chunks {run['signal_concurrency']} at a time: a new "
+            f"- Recovery, {_concurrency_label(run)} chunks at a time: a new "
             f"ShardState.recover() took {rec['seconds']:.1f} s (connect {rec['connect_s']:.1f} s): "
             f"{rec['journal_rows_replayed']} journal rows replayed, read {reads or 'no signals'}; "
             + (
@@ -817,6 +883,105 @@ def dedup_section(runs: list, r: dict) -> list[str]:
     return lines
 
 
+def exposures_section(e: dict) -> list[str]:
+    lines = ["", "## Exposure logging: recommendations on and off (issue #14)", ""]
+    if "on" not in e:
+        return [*lines, f"Not measured: {e.get('error', 'no run')}."]
+    lines += [
+        f"`bench.exposure_bench` ({e['date']}): the same app deployed with exposure logging "
+        "on and with `PERSONA_EXPOSURE_LOGGING=0`, on one fleet of "
+        f"{e['users']:,} users and {e['items']:,} items (SQLite store, "
+        f"{e['ingress_replicas']} ingress replicas, Serve's own proxy), alternating "
+        f"on/off then off/on over {e['rounds']} rounds; each deployment warmed up, then "
+        f"`GET /v1/users/{{u}}/recommendations?k=20` for {e['seconds']} s with wrk "
+        f"({e['connections']} connections). Medians of the rounds; the machine is shared, "
+        "so the ratio is the figure, not the absolute rates.",
+        "",
+        "| exposure logging | req/s | p50 ms | p99 ms | CPU ms/request (machine) | non-2xx |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode in ("on", "off"):
+        f = e[mode]
+        lines.append(
+            f"| {mode} | {f['req_per_s']:,.0f} | {f['p50_ms']:.1f} | {f['p99_ms']:.1f} | "
+            f"{f['cpu_ms_per_request']:.2f} | {f['non_2xx']} |"
+        )
+    per_round = "; ".join(
+        f"round {run['round'] + 1} {mode} {run['req_per_s']:,.0f}"
+        for mode in ("on", "off")
+        for run in e["runs"][mode]
+    )
+    lines += [
+        "",
+        f"With exposure logging on, recommendations run at **{e['on_to_off']:.2f}x** the "
+        f"throughput without it (req/s per run: {per_round}).",
+    ]
+    return lines
+
+
+def movielens_section(m: dict) -> list[str]:
+    """Issue #13's evaluation on real data, from `persona evaluate`'s JSON, followed by
+    the hand-kept protocol and choices (bench/MOVIELENS.md)."""
+    from jobs.evaluate import markdown
+
+    lines = [
+        "",
+        "## Recommendations on MovieLens-100k",
+        "",
+        "```",
+        "persona evaluate --dataset movielens-100k --tune --http",
+        "```",
+        "",
+    ]
+    if "test" not in m:
+        lines.append(f"Not measured in this run: {m.get('error', 'no run')}.")
+    else:
+        chosen = m.get("chosen", {})
+        variants = "; ".join(f"`{name}` {blend}" for name, blend in m["variants"].items())
+        lines += [
+            f"Regenerated by `persona bench` (`python -m bench.run_all --only movielens` for "
+            f"this section alone): {m['machine']}, {m['date']}, {m.get('wall_s', 0) / 60:.0f} "
+            f"min, baselines in the same run. {m['events']:,} events, {m['catalog']:,} films, "
+            f"{m['holdout']} ratings held out per user. Variants: {variants}. `--tune` chose "
+            f"{chosen.get('blend')} on validation (ALS: {chosen.get('als_factors')} factors); "
+            f"the training job published and switched to `{m['model']['version']}`.",
+        ]
+        if "validation" in m:
+            lines += [
+                "",
+                f"Validation ({m['validation_users']} users):",
+                "",
+                markdown(m["validation"]),
+            ]
+        lines += [
+            "",
+            f"Test ({m['users_evaluated']} users; scored once, after everything was chosen):",
+            "",
+            markdown(m["test"]),
+        ]
+        test = m["test"]
+        http = test.get("persona-http") or test["persona"]
+        before = test.get("persona-before")
+        recall = "recall@10"
+
+        def times(row: dict, base: str) -> str:
+            return f"{row[recall] / max(test[base][recall], 1e-12):.2f}x"
+
+        summary = (
+            f"Through HTTP, after the training job, Persona's Recall@10 is "
+            f"**{http[recall]:.4f}**: {times(http, 'popularity')} popularity and "
+            f"**{times(http, 'item-knn')} item-kNN** ({test['item-knn'][recall]:.4f}) in the "
+            "same run"
+        )
+        if before:
+            summary += f" (before training {before[recall]:.4f} = {times(before, 'item-knn')})"
+        lines += ["", summary + "."]
+    notes = HERE / "MOVIELENS.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    return lines
+
+
 def render(r: dict, facts: dict) -> str:
     lines = [
         "# Benchmark results",
@@ -862,6 +1027,8 @@ def render(r: dict, facts: dict) -> str:
             f"| Persona | {quality['persona']['recall']:.4f} | {quality['persona']['ndcg']:.4f} |",
             f"| global popularity (same split) | {quality['popularity']['recall']:.4f} | {quality['popularity']['ndcg']:.4f} |",
         ]
+    lines += movielens_section(r.get("movielens") or {})
+    lines += exposures_section(r.get("exposures") or {})
     lines += durability_section(_get(r, "durability", "durability_bench", default={}))
     lines += checkpoint_bounds_section(r.get("checkpoint_bounds") or [])
     lines += dedup_section(r.get("dedup") or [], r)

@@ -276,6 +276,9 @@ def _ingest(args, settings, fleet, dedup_share: bool) -> dict:
         fleet.get_profiles([rng.choice(names)])
         read_ms.append((time.perf_counter() - began) * 1000)
     read_ms.sort()
+    # Each shard's freshness over the run: arrival at the fleet -> applied is the
+    # write path's delay under this load (the synthetic events' own times are old).
+    freshness = {s["name"]: s["freshness"] for s in fleet.stats()}
     fleet.shutdown()
     ray.shutdown()
     if failures and not dedup_share:
@@ -306,6 +309,7 @@ def _ingest(args, settings, fleet, dedup_share: bool) -> dict:
         "code": code_version(),
         "failed_batches": len(failures),
         "first_error": failures[0] if failures else None,
+        "freshness": freshness,
         **totals,
     }
     if dedup_share:
