@@ -271,15 +271,10 @@ def _nearest_in_model(engaged: list[str], catalog: Catalog) -> dict[str, float]:
     """The PER_SOURCE items nearest to the user's recent engagements in the model,
     scored min-max within them: the top cosines lie close together (0.6-0.9 on
     MovieLens), and stretched to [0, 1] the blend sees their order, not their level."""
-    rows = [catalog.index[item] for item in engaged if item in catalog.index]
-    if not rows:
+    user = _model_user(engaged, catalog)
+    if user is None:
         return {}
-    vectors = catalog.model_vectors
-    user = (MODEL_RECENCY ** np.arange(len(rows), dtype=np.float32)) @ vectors[rows]
-    norm = float(np.linalg.norm(user))
-    if norm == 0:
-        return {}
-    similarity = vectors @ (user / norm)
+    similarity = catalog.model_vectors @ user
     take = min(PER_SOURCE, len(similarity))
     best = np.argpartition(-similarity, take - 1)[:take]
     scores = similarity[best]
@@ -287,6 +282,52 @@ def _nearest_in_model(engaged: list[str], catalog: Catalog) -> dict[str, float]:
     scaled = (scores - low) / (high - low) if high > low else np.ones_like(scores)
     ids = catalog.ids
     return {ids[row]: float(v) for row, v in zip(best.tolist(), scaled.tolist(), strict=True)}
+
+
+def _model_user(engaged: list[str], catalog: Catalog) -> np.ndarray | None:
+    """The user in the serving model: the recency-weighted sum of the recent engagements'
+    vectors, as a unit vector (None when the model knows none of them)."""
+    rows = [catalog.index[item] for item in engaged if item in catalog.index]
+    if not rows or not catalog.model_version:
+        return None
+    user = (MODEL_RECENCY ** np.arange(len(rows), dtype=np.float32)) @ catalog.model_vectors[rows]
+    norm = float(np.linalg.norm(user))
+    return user / norm if norm > 0 else None
+
+
+def nearest_items(profile: ProfileView, catalog: Catalog, k: int = 10) -> dict[str, list[dict]]:
+    """The ``k`` items nearest to a user in each embedding space ranking uses, best first
+    with their cosine similarity: ``embedding``, the profile's interest vector among the
+    catalog's item embeddings; ``model``, the recent engagements in the serving model (the
+    ``model`` source). A space the user has no vector in gives an empty list."""
+    found: dict[str, list[dict]] = {"embedding": [], "model": []}
+    vector = profile.interest_vector
+    if vector is not None and len(catalog) and catalog.vectors.shape[1] == len(vector):
+        user = np.asarray(vector, dtype=np.float32)
+        norm = float(np.linalg.norm(user))
+        if norm > 0:
+            rows, similarity = catalog.nearest(user / norm, k)
+            found["embedding"] = _ranked_rows(catalog, rows, similarity)
+    engaged = _latest_distinct(item for _, item, action in profile.recent if action != HIDE)
+    model_user = _model_user(engaged, catalog)
+    if model_user is not None:
+        similarity = catalog.model_vectors @ model_user
+        take = min(k, len(similarity))
+        rows = np.argpartition(-similarity, take - 1)[:take]
+        found["model"] = _ranked_rows(catalog, rows, similarity[rows])
+    return found
+
+
+def _ranked_rows(catalog: Catalog, rows: np.ndarray, similarity: np.ndarray) -> list[dict]:
+    order = np.argsort(-similarity, kind="stable")
+    return [
+        {
+            "item_id": catalog.ids[row],
+            "similarity": round(float(similarity[n]), 6),
+            "topics": list(catalog.topics[row]),
+        }
+        for n, row in ((int(n), int(rows[n])) for n in order)
+    ]
 
 
 def _similar_to(
@@ -364,7 +405,12 @@ def recommend(
             continue
         per_topic[primary] = per_topic.get(primary, 0) + 1
         results.append(
-            {"item_id": item, "score": round(score, 6), "reason": _reason(source, item, evidence)}
+            {
+                "item_id": item,
+                "score": round(score, 6),
+                "reason": _reason(source, item, evidence),
+                "sources": _contributions(item, sources, blend),
+            }
         )
         if len(results) >= k:
             break
@@ -372,6 +418,22 @@ def recommend(
         taken = {r["item_id"] for r in results} | hidden | seen
         results += _newest_fill(catalog, k - len(results), taken, topic, per_topic, max_per_topic)
     return results
+
+
+def _contributions(
+    item: str, sources: Mapping[str, Mapping[str, float]], blend: Mapping[str, float]
+) -> dict[str, float]:
+    """What each source added to an item's score (its weight times its normalised score),
+    and what ``hidden`` took away, negative: the sum is the item's score."""
+    parts = {
+        source: round(float(blend.get(source, 0.0)) * sources[source][item], 6)
+        for source in SOURCES
+        if float(blend.get(source, 0.0)) > 0 and item in sources[source]
+    }
+    penalty = float(blend.get("hidden", 0.0))
+    if penalty > 0 and item in sources["hidden"]:
+        parts["hidden"] = round(-penalty * sources["hidden"][item], 6)
+    return parts
 
 
 def _reason(source: str, item: str, evidence: Mapping[str, str]) -> str:
@@ -410,7 +472,9 @@ def _newest_fill(
         if primary and per_topic.get(primary, 0) >= max_per_topic:
             continue
         per_topic[primary] = per_topic.get(primary, 0) + 1
-        filled.append({"item_id": item, "score": 0.0, "reason": "new in the catalog"})
+        filled.append(
+            {"item_id": item, "score": 0.0, "reason": "new in the catalog", "sources": {}}
+        )
         if len(filled) >= count:
             break
     return filled

@@ -64,6 +64,11 @@ class Recommendation(BaseModel):
     item_id: str
     score: float
     reason: str
+    sources: dict[str, float] = Field(
+        default_factory=dict,
+        description="what each candidate source added to the score (blend weight x its "
+        "normalised score; `hidden` takes away, negative): they sum to the score",
+    )
 
 
 class RecommendationsOut(BaseModel):

@@ -6,7 +6,14 @@ import pytest
 
 from actors.profile import Profile, ProfileRules, ProfileView, apply_events
 from persona.settings import load_settings
-from serving.ranking import CO_RECENCY, Catalog, Signals, cosine_graph, recommend
+from serving.ranking import (
+    CO_RECENCY,
+    Catalog,
+    Signals,
+    cosine_graph,
+    nearest_items,
+    recommend,
+)
 
 T = 1_700_000_000.0
 RULES = ProfileRules.from_settings(load_settings())
@@ -104,3 +111,48 @@ def test_top_topics_and_the_interest_vector_bring_their_own_candidates():
     assert ids(by_topic) == ["jazz-1"] and "jazz" in by_topic[0]["reason"]
     nearest = recommend(view, catalog, signals, {"embedding": 1.0}, k=1)
     assert ids(nearest) == ["jazz-1"] and nearest[0]["reason"] == "similar to what you engage with"
+
+
+def test_each_recommendation_says_what_every_source_added_and_they_sum_to_its_score():
+    merged = {
+        "counts": {"film": 10.0, "sequel": 5.0, "pop": 50.0, "x": 5.0},
+        "graph": {"film": {"sequel": 4.0, "x": 1.0}, "x": {"film": 1.0}},
+        "trending": {"pop": 3.0, "sequel": 1.0},
+    }
+    signals = Signals.build(merged, CATALOG)
+    blend = {"co": 1.0, "trending": 0.5, "popular": 0.2, "hidden": 0.5}
+    ranked = recommend(profile(("film", "click"), ("x", "hide")), CATALOG, signals, blend, k=3)
+    assert ranked
+    for item in ranked:
+        assert set(item["sources"]) <= {"co", "trending", "popular", "hidden"}
+        assert sum(item["sources"].values()) == pytest.approx(item["score"], abs=1e-5)
+    sequel = next(i for i in ranked if i["item_id"] == "sequel")
+    assert sequel["sources"]["co"] > 0 and sequel["sources"]["trending"] > 0
+
+
+def test_nearest_items_are_found_in_the_interest_embedding_and_in_the_model():
+    import numpy as np
+
+    catalog = Catalog.from_records(
+        [
+            {"item_id": "jazz-1", "topics": ["jazz"], "embedding": [1.0, 0.1]},
+            {"item_id": "jazz-2", "topics": ["jazz"], "embedding": [1.0, 0.3]},
+            {"item_id": "rock-1", "topics": ["rock"], "embedding": [0.0, 1.0]},
+        ]
+    )
+    user = Profile("u", len(RULES.actions))
+    events = [("u", "jazz-1", "click", T, ("jazz",), 1.0)]
+    apply_events(user, events, RULES, embeddings={"jazz-1": np.array([1.0, 0.1])})
+    view = user.view(RULES)
+    assert nearest_items(view, catalog, k=2) == {
+        "embedding": [
+            {"item_id": "jazz-1", "similarity": pytest.approx(1.0), "topics": ["jazz"]},
+            {"item_id": "jazz-2", "similarity": pytest.approx(0.981, abs=1e-3), "topics": ["jazz"]},
+        ],
+        "model": [],  # no model version serves yet
+    }
+    model = np.array([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]], dtype=np.float32)
+    trained = catalog.with_model("v1", ["jazz-1", "rock-1", "jazz-2"], model)
+    found = nearest_items(view, trained, k=2)["model"]
+    assert [i["item_id"] for i in found] == ["jazz-1", "rock-1"]
+    assert found[0]["similarity"] == pytest.approx(1.0)
