@@ -183,6 +183,35 @@ class Store(ABC):
     def get_model_switches(self) -> list[ModelSwitch]:
         """The whole model log, oldest first (one row per switch: small)."""
 
+    # --- exposures and attributions: timed records kept for a retention ---
+    @abstractmethod
+    def put_exposures(self, records: Mapping[str, tuple[float, bytes]], ttl_s: int) -> None:
+        """Write exposures ``{rec_id: (at, blob)}`` that expire ``ttl_s`` seconds after
+        this write; a rec_id written again is overwritten (a retried flush)."""
+
+    @abstractmethod
+    def scan_exposures(self, since: float, until: float) -> Iterator[tuple[str, float, bytes]]:
+        """(rec_id, at, blob) of the unexpired exposures with since <= at <= until."""
+
+    @abstractmethod
+    def put_attributions(self, records: Mapping[str, tuple[float, bytes]], ttl_s: int) -> None:
+        """Write attributions ``{key: (event time, blob)}`` (key: the event's source and
+        line), expiring like exposures; a key written again is overwritten (replay)."""
+
+    @abstractmethod
+    def scan_attributions(self, since: float, until: float) -> Iterator[tuple[str, float, bytes]]:
+        """(key, event time, blob) of the unexpired attributions in [since, until]."""
+
+    # --- the experiment log: every configuration change, in order ---
+    @abstractmethod
+    def append_experiment_change(self, seq: int, blob: bytes) -> None:
+        """Append a change at ``seq`` (1 + the last one), stamped with the store's time
+        of writing; raises VersionConflict if another change took the position."""
+
+    @abstractmethod
+    def get_experiment_changes(self) -> list[tuple[int, float, bytes]]:
+        """(seq, at, blob) of every change, oldest first (one small partition)."""
+
     # --- tombstones (privacy deletes that replay must not undo) ---
     @abstractmethod
     def add_tombstones(self, deleted_at: Mapping[str, float]) -> None: ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -580,6 +581,53 @@ class CassandraStore(Store):
         with self._errors("read the model log"):
             rows = self._session.execute(self._stmt(cql.GET_MODEL_SWITCHES), (cql.DEPLOYMENT,))
             return [ModelSwitch(r.seq, r.version, bool(r.rollback), r.switched_at) for r in rows]
+
+    # --- exposures and attributions ---
+    def _put_timed(self, text: str, records, ttl_s: int, what: str) -> None:
+        rows = [
+            (int(at // 3600), zlib.crc32(key.encode()) % cql.TIMED_SLOTS, key, at, blob, int(ttl_s))
+            for key, (at, blob) in records.items()
+        ]
+        # One statement per row: a row's partition is (hour, slot), so rows of one
+        # flush spread over 16 partitions per hour; unlogged batches would not help.
+        self._concurrent(text, rows, what)
+
+    def _scan_timed(
+        self, text: str, since: float, until: float, what: str
+    ) -> Iterator[tuple[str, float, bytes]]:
+        hours = range(int(since // 3600), int(until // 3600) + 1)
+        for hour in hours:  # hour by hour: bounded memory, in time order per hour
+            params = [(hour, slot) for slot in range(cql.TIMED_SLOTS)]
+            for rows in self._concurrent(text, params, what):
+                for key, at, blob in rows:
+                    if since <= at <= until:
+                        yield key, at, bytes(blob)
+
+    def put_exposures(self, records: Mapping[str, tuple[float, bytes]], ttl_s: int) -> None:
+        self._put_timed(cql.PUT_EXPOSURE, records, ttl_s, "write exposures")
+
+    def scan_exposures(self, since: float, until: float) -> Iterator[tuple[str, float, bytes]]:
+        return self._scan_timed(cql.SCAN_EXPOSURES, since, until, "read exposures")
+
+    def put_attributions(self, records: Mapping[str, tuple[float, bytes]], ttl_s: int) -> None:
+        self._put_timed(cql.PUT_ATTRIBUTION, records, ttl_s, "write attributions")
+
+    def scan_attributions(self, since: float, until: float) -> Iterator[tuple[str, float, bytes]]:
+        return self._scan_timed(cql.SCAN_ATTRIBUTIONS, since, until, "read attributions")
+
+    # --- experiment log ---
+    def append_experiment_change(self, seq: int, blob: bytes) -> None:
+        with self._errors("change the experiment"):
+            result = self._session.execute(
+                self._stmt(cql.APPEND_EXPERIMENT_CHANGE), (cql.DEPLOYMENT, seq, time.time(), blob)
+            )
+        if not result.was_applied:
+            raise VersionConflict(f"experiment log position {seq} is already taken")
+
+    def get_experiment_changes(self) -> list[tuple[int, float, bytes]]:
+        with self._errors("read the experiment log"):
+            rows = self._session.execute(self._stmt(cql.GET_EXPERIMENT_CHANGES), (cql.DEPLOYMENT,))
+            return [(r.seq, r.at, bytes(r.blob)) for r in rows]
 
     # --- tombstones ---
     def add_tombstones(self, deleted_at: Mapping[str, float]) -> None:

@@ -44,6 +44,19 @@ TABLES = [
         version text, chunk int, blob blob, PRIMARY KEY ((version, chunk)))""",
     # The model log: every switch and rollback, one small partition (conditional
     # appends need that); the current version is replayed from it.
+    # What recommendations showed, and which events answered them: partitioned by
+    # the hour of their time and a slot of the key, so a partition holds one
+    # hour's sixteenth of the traffic and a time range is read hour by hour. Rows
+    # expire with the exposure retention (USING TTL).
+    """CREATE TABLE IF NOT EXISTS exposures (
+        hour bigint, slot int, rec_id text, at double, blob blob,
+        PRIMARY KEY ((hour, slot), rec_id))""",
+    """CREATE TABLE IF NOT EXISTS attributions (
+        hour bigint, slot int, key text, at double, blob blob,
+        PRIMARY KEY ((hour, slot), key))""",
+    # The experiment log: one small partition, conditional appends (like the model log).
+    """CREATE TABLE IF NOT EXISTS experiment_changes (
+        deployment text, seq bigint, at double, blob blob, PRIMARY KEY (deployment, seq))""",
     """CREATE TABLE IF NOT EXISTS model_switches (
         deployment text, seq bigint, version text, rollback boolean, switched_at double,
         PRIMARY KEY (deployment, seq))""",
@@ -121,5 +134,20 @@ APPEND_MODEL_SWITCH = (
 GET_MODEL_SWITCHES = (
     "SELECT seq, version, rollback, switched_at FROM model_switches WHERE deployment = ?"
 )
+
+# Slots per hour of the exposures and attributions tables.
+TIMED_SLOTS = 16
+PUT_EXPOSURE = (
+    "INSERT INTO exposures (hour, slot, rec_id, at, blob) VALUES (?, ?, ?, ?, ?) USING TTL ?"
+)
+SCAN_EXPOSURES = "SELECT rec_id, at, blob FROM exposures WHERE hour = ? AND slot = ?"
+PUT_ATTRIBUTION = (
+    "INSERT INTO attributions (hour, slot, key, at, blob) VALUES (?, ?, ?, ?, ?) USING TTL ?"
+)
+SCAN_ATTRIBUTIONS = "SELECT key, at, blob FROM attributions WHERE hour = ? AND slot = ?"
+APPEND_EXPERIMENT_CHANGE = (
+    "INSERT INTO experiment_changes (deployment, seq, at, blob) VALUES (?, ?, ?, ?) IF NOT EXISTS"
+)
+GET_EXPERIMENT_CHANGES = "SELECT seq, at, blob FROM experiment_changes WHERE deployment = ?"
 
 KEYSPACE_REPLICATION = "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = ?"

@@ -57,6 +57,16 @@ CREATE TABLE IF NOT EXISTS models (
 CREATE TABLE IF NOT EXISTS model_chunks (
     version TEXT NOT NULL, chunk INTEGER NOT NULL, blob BLOB NOT NULL,
     PRIMARY KEY (version, chunk)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS exposures (
+    rec_id TEXT PRIMARY KEY, at REAL NOT NULL, expires_at REAL NOT NULL, blob BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS exposures_at ON exposures (at);
+CREATE INDEX IF NOT EXISTS exposures_expiry ON exposures (expires_at);
+CREATE TABLE IF NOT EXISTS attributions (
+    key TEXT PRIMARY KEY, at REAL NOT NULL, expires_at REAL NOT NULL, blob BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS attributions_at ON attributions (at);
+CREATE INDEX IF NOT EXISTS attributions_expiry ON attributions (expires_at);
+CREATE TABLE IF NOT EXISTS experiment_changes (
+    seq INTEGER PRIMARY KEY, at REAL NOT NULL, blob BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS model_switches (
     seq INTEGER PRIMARY KEY, version TEXT NOT NULL, rollback INTEGER NOT NULL,
     switched_at REAL NOT NULL);
@@ -433,6 +443,72 @@ class SqliteStore(Store):
             ).fetchall()
         )
         return [ModelSwitch(seq, version, bool(rb), at) for seq, version, rb, at in rows]
+
+    # --- exposures and attributions ---
+    def _put_timed(self, table: str, key: str, records, ttl_s: int) -> None:
+        now = time.time()
+        rows = [(k, at, now + ttl_s, blob) for k, (at, blob) in records.items()]
+
+        def op(db):
+            db.executemany(
+                f"INSERT OR REPLACE INTO {table} ({key}, at, expires_at, blob) VALUES (?, ?, ?, ?)",
+                rows,
+            )
+            # The retention: expired records go with the next write (indexed).
+            db.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
+
+        self._transaction(op)
+
+    def _scan_timed(
+        self, table: str, key: str, since: float, until: float, page: int = 5000
+    ) -> Iterator[tuple[str, float, bytes]]:
+        # Keyset pagination on (at, key), from (since, "") (no key is empty).
+        last: tuple[float, str] = (since, "")
+        while True:
+            rows = self._run(
+                lambda db, last=last: db.execute(
+                    f"SELECT {key}, at, blob FROM {table} WHERE (at, {key}) > (?, ?) "
+                    f"AND at <= ? AND expires_at > ? ORDER BY at, {key} LIMIT ?",
+                    (*last, until, time.time(), page),
+                ).fetchall()
+            )
+            yield from ((k, at, bytes(blob)) for k, at, blob in rows)
+            if len(rows) < page:
+                return
+            last = (rows[-1][1], rows[-1][0])
+
+    def put_exposures(self, records: Mapping[str, tuple[float, bytes]], ttl_s: int) -> None:
+        self._put_timed("exposures", "rec_id", records, ttl_s)
+
+    def scan_exposures(self, since: float, until: float) -> Iterator[tuple[str, float, bytes]]:
+        return self._scan_timed("exposures", "rec_id", since, until)
+
+    def put_attributions(self, records: Mapping[str, tuple[float, bytes]], ttl_s: int) -> None:
+        self._put_timed("attributions", "key", records, ttl_s)
+
+    def scan_attributions(self, since: float, until: float) -> Iterator[tuple[str, float, bytes]]:
+        return self._scan_timed("attributions", "key", since, until)
+
+    # --- experiment log ---
+    def append_experiment_change(self, seq: int, blob: bytes) -> None:
+        def op(db):
+            try:
+                db.execute(
+                    "INSERT INTO experiment_changes (seq, at, blob) VALUES (?, ?, ?)",
+                    (seq, time.time(), blob),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise VersionConflict(f"experiment log position {seq} is already taken") from exc
+
+        self._transaction(op)
+
+    def get_experiment_changes(self) -> list[tuple[int, float, bytes]]:
+        rows = self._run(
+            lambda db: db.execute(
+                "SELECT seq, at, blob FROM experiment_changes ORDER BY seq"
+            ).fetchall()
+        )
+        return [(seq, at, bytes(blob)) for seq, at, blob in rows]
 
     # --- tombstones ---
     def add_tombstones(self, deleted_at: Mapping[str, float]) -> None:

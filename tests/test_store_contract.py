@@ -307,3 +307,48 @@ def test_model_versions_are_immutable_and_the_switch_log_has_one_writer_per_posi
     assert [(s.seq, s.version, s.rollback) for s in store.get_model_switches()] == [
         (1, "v1", False)
     ]
+
+
+def test_exposures_are_read_back_by_time_and_overwritten_by_a_resend(store):
+    base = 1_700_000_000.0
+    records = {f"rec-{n:04d}": (base + n * 600.0, f"blob-{n}".encode()) for n in range(30)}
+    store.put_exposures(records, ttl_s=3600)
+    store.put_exposures({"rec-0003": (base + 1800.0, b"blob-3")}, ttl_s=3600)  # a resend
+    got = list(store.scan_exposures(base + 1800.0, base + 6000.0))
+    assert sorted(got) == [
+        (f"rec-{n:04d}", base + n * 600.0, f"blob-{n}".encode()) for n in range(3, 11)
+    ]
+    assert len(list(store.scan_exposures(base - 1, base + 10**6))) == 30
+
+
+def test_attributions_are_keyed_by_event_so_a_replay_overwrites(store):
+    at = 1_700_000_123.5
+    store.put_attributions({"file:1#7": (at, b"a"), "file:1#8": (at, b"b")}, ttl_s=3600)
+    store.put_attributions({"file:1#7": (at, b"a")}, ttl_s=3600)
+    assert sorted(store.scan_attributions(at - 1, at + 1)) == [
+        ("file:1#7", at, b"a"),
+        ("file:1#8", at, b"b"),
+    ]
+
+
+def test_exposures_expire_after_their_retention(store):
+    import time
+
+    now = time.time()
+    store.put_exposures({"short": (now, b"x")}, ttl_s=1)
+    store.put_exposures({"long": (now, b"y")}, ttl_s=3600)
+    deadline = time.monotonic() + 10
+    while len(list(store.scan_exposures(now - 1, now + 1))) > 1 and time.monotonic() < deadline:
+        time.sleep(0.25)
+        store.put_exposures({"long": (now, b"y")}, ttl_s=3600)  # SQLite prunes on write
+    assert [k for k, _, _ in store.scan_exposures(now - 1, now + 1)] == ["long"]
+
+
+def test_the_experiment_log_has_one_writer_per_position(store):
+    store.append_experiment_change(1, b"first")
+    with pytest.raises(VersionConflict):
+        store.append_experiment_change(1, b"other")
+    store.append_experiment_change(2, b"second")
+    log = store.get_experiment_changes()
+    assert [(seq, blob) for seq, _at, blob in log] == [(1, b"first"), (2, b"second")]
+    assert log[0][1] <= log[1][1]
