@@ -1,8 +1,10 @@
 """The event schema and its validation: strict, explicit, and every rejection says why.
 
-An event is ``{"user_id", "item_id", "action", "ts", "topics"?, "weight"?, "event_id"?}``.
-Validated events become tuples ``(user_id, item_id, action, ts, topics, weight)``,
-the form the profile model, the journal and the fleet pass around.
+An event is ``{"user_id", "item_id", "action", "ts", "topics"?, "weight"?, "event_id"?,
+"rec_id"?, "position"?}``. Validated events become tuples ``(user_id, item_id, action,
+ts, topics, weight)``, the form the profile model, the journal and the fleet pass
+around; an event's ``rec_id`` and ``position`` (the recommendation it answers, see
+actors/attribution.py) travel beside it, by line (``references``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ MAX_TOPICS = 16
 MAX_TOPIC_CHARS = 64
 MAX_WEIGHT = 1000.0
 REQUIRED = ("user_id", "item_id", "action", "ts")
-OPTIONAL = ("topics", "weight", "event_id")
+OPTIONAL = ("topics", "weight", "event_id", "rec_id", "position")
+# A list longer than this is no list a person looked at.
+MAX_POSITION = 10_000
 ALLOWED = frozenset(REQUIRED + OPTIONAL)
 
 ValidEvent = tuple[str, str, str, float, tuple[str, ...], float]
@@ -125,6 +129,18 @@ class EventValidator:
             problem = check_id(event["event_id"], "event_id", in_url_path=False)
             if problem:
                 return problem
+        if "rec_id" in event:
+            problem = check_id(event["rec_id"], "rec_id", in_url_path=False)
+            if problem:
+                return problem
+        if "position" in event:
+            position = event["position"]
+            if (
+                not isinstance(position, int)
+                or isinstance(position, bool)
+                or not 0 <= position < MAX_POSITION
+            ):
+                return f"position must be an integer in [0, {MAX_POSITION})"
         return None
 
     def validate(
@@ -163,6 +179,22 @@ class EventValidator:
         if errors:
             raise InvalidEvents(errors)
         return valid
+
+
+def references(events: Any, lines: Iterable[int]) -> dict[int, tuple[str | None, int | None]]:
+    """``{line: (rec_id, position)}`` of the events that name a recommendation (valid
+    or not: only the lines of valid events are ever looked up)."""
+    if not isinstance(events, list | tuple):
+        return {}
+    refs = {}
+    for event, line in zip(events, lines, strict=True):
+        if isinstance(event, dict) and ("rec_id" in event or "position" in event):
+            rec_id, position = event.get("rec_id"), event.get("position")
+            refs[line] = (
+                rec_id if isinstance(rec_id, str) else None,
+                position if isinstance(position, int) else None,
+            )
+    return refs
 
 
 def decode_msgpack_batch(body: bytes) -> Any:

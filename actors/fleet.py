@@ -19,7 +19,8 @@ from collections.abc import Iterable, Mapping
 
 import ray
 
-from actors.events import EventValidator, ValidEvent
+from actors.attribution import Exposure
+from actors.events import EventValidator, ValidEvent, references
 from actors.profile import ProfileRules, ProfileView
 from actors.routing import (
     group_users,
@@ -207,6 +208,7 @@ class Fleet:
         partition records the whole range as applied)."""
         arrived_at = time.time()  # the batch's arrival, for the shards' freshness delays
         valid, errors = self.validate(events)
+        refs = references(events, lines if lines is not None else range(len(events)))
         if errors and all_or_nothing:
             raise InvalidEvents(errors)
         if lines is None:
@@ -237,6 +239,9 @@ class Fleet:
                         self.fingerprint,
                         span,
                         arrived_at,
+                        {line: refs[line] for line in pending[n][1] if line in refs}
+                        if refs
+                        else None,
                     )
                     for n in names
                 ),
@@ -260,6 +265,25 @@ class Fleet:
             await self._before_reroute(attempt, deadline, "the batch was routed")
             pending = self._split(rerouted_events, rerouted_lines)
         return total
+
+    async def note_exposures_async(self, exposures: list[Exposure]) -> int:
+        """Send exposures to the shards that own their users (one call per shard), for
+        attributing later events that name no rec_id; returns how many were new. A
+        shard that cannot take them is skipped: attribution by rec_id does not need
+        them, and a restarted shard reads them back from the store."""
+        groups: dict[str, list[bytes]] = {}
+        for exposure in exposures:
+            owner = self.owners[partition_of(exposure.user_id, self.partitions)]
+            groups.setdefault(owner, []).append(exposure.encode())
+        names = list(groups)
+        results = await asyncio.gather(
+            *(self._handle(n).note_exposures.remote(groups[n]) for n in names),
+            return_exceptions=True,
+        )
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("exposures not sent to %s: %s", name, result)
+        return sum(r for r in results if isinstance(r, int))
 
     def _split(self, events: list, lines: list[int]) -> dict[str, tuple[list, list[int]]]:
         return split_by_owner(events, lines, self.owners, self.partitions)

@@ -18,6 +18,7 @@ import time
 import ray
 from ray.util.metrics import Gauge
 
+from actors.attribution import Exposure
 from actors.shard_state import Ack, ShardState
 from persona.errors import (
     ConfigError,
@@ -171,10 +172,12 @@ class ProfileShard:
         fingerprint: str | None = None,
         span: tuple[int, int] | None = None,
         arrived_at: float | None = None,
+        refs: dict[int, tuple] | None = None,
     ) -> dict:
         """Journal then apply a batch; lines of ``source`` applied before (within the
         dedup retention) are acknowledged as duplicates. ``arrived_at`` is when the
-        batch reached its sender (wall clock; default: now), for the freshness delays."""
+        batch reached its sender (wall clock; default: now), for the freshness delays.
+        ``refs`` are the recommendations events name, by line (``events.references``)."""
         if arrived_at is None:
             arrived_at = time.time()
         self._ensure_ticker()
@@ -187,15 +190,17 @@ class ProfileShard:
                     f"than the sender ({fingerprint}): start every process of a deployment "
                     "with the same store and PERSONA_* profile settings"
                 )
-            return await self._apply_batch(source, events, validated, lines, span, arrived_at)
+            return await self._apply_batch(source, events, validated, lines, span, arrived_at, refs)
         finally:
             self._pending_writes -= 1
 
     async def _apply_batch(
-        self, source: str, events, validated: bool, lines, span, arrived_at: float
+        self, source: str, events, validated: bool, lines, span, arrived_at: float, refs=None
     ) -> dict:
         state = self.state
-        batch = state.check(events, lines, validated=validated, span=span, arrived_at=arrived_at)
+        batch = state.check(
+            events, lines, validated=validated, span=span, arrived_at=arrived_at, refs=refs
+        )
         users = batch.users()
         keys = state.dedup_keys(source, batch.events)  # computed once per batch
         # The batch's users and dedup entries are held against eviction from their
@@ -280,6 +285,12 @@ class ProfileShard:
         await state.load_dedup(keys)
         await state.load_item_vectors(e[1] for e in batch.events)
         return Prefetched(absent=set(absent), epochs=epochs, evicted=evicted)
+
+    async def note_exposures(self, blobs: list[bytes]) -> int:
+        """Remember what recommendations showed this shard's users (encoded
+        actors.attribution.Exposure), for attributing events that name no rec_id."""
+        await self._ready()
+        return self.state.note_exposures(Exposure.decode(b) for b in blobs)
 
     async def delete_user(self, user_id: str) -> bool:
         """Privacy delete: journal it, drop it from memory, then from the store with a

@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from actors.attribution import Attribution, Exposure, ExposureIndex, attribution_key, decide
 from actors.catalog import decode_item, item_vector
 from actors.dedup import DedupIndex, LineSet, dedup_key
-from actors.events import EventValidator, ValidEvent
+from actors.events import EventValidator, ValidEvent, references
 from actors.freshness import Freshness
 from actors.item_stats import ItemStats
 from actors.profile import ProfileRules
@@ -94,6 +95,8 @@ class CheckedBatch:
     span: tuple[int, int] | None = None
     # When the batch reached the fleet (wall clock), for the arrival-to-applied delay.
     arrived_at: float | None = None
+    # {line: (rec_id, position)} of the events that name a recommendation.
+    refs: dict = field(default_factory=dict)
 
     def users(self) -> list[str]:
         return list(dict.fromkeys(e[0] for e in self.events))
@@ -114,6 +117,8 @@ class PreparedBatch:
     fence: dict[int, int]
     ack: Ack
     arrived_at: float | None = None
+    # The attribution records its events make (key -> (event time, blob)).
+    attributions: dict = field(default_factory=dict)
 
 
 class ShardState:
@@ -147,6 +152,10 @@ class ShardState:
         self.tombstones: OrderedDict[str, float] = OrderedDict()
         self.pending_deletes: dict[str, float] = {}
         self.item_stats = ItemStats(settings, settings.action_weights)
+        # Recent exposures of this shard's users (sent by the replicas), and the
+        # attributions applied since the last checkpoint (written by the next one).
+        self.exposures = ExposureIndex(settings.attribution_window_s, settings.exposure_index_users)
+        self.pending_attributions: dict[str, tuple[float, bytes]] = {}
         self.totals = {
             "applied": 0,
             "duplicate": 0,
@@ -204,9 +213,36 @@ class ShardState:
 
     # --- recovery ---
     def recover(self) -> int:
-        """Load the checkpoint and replay the journal after it; return rows replayed."""
+        """Load the checkpoint and replay the journal after it; return rows replayed.
+        The exposure index is read back from the store's exposures of the window."""
         self.refresh_ownership()
-        return self.catch_up()
+        replayed = self.catch_up()
+        now = time.time()
+        self.note_exposures(
+            Exposure.decode(blob)
+            for _, _, blob in self.store.scan_exposures(
+                now - self.settings.attribution_window_s, now
+            )
+        )
+        return replayed
+
+    def note_exposures(self, exposures) -> int:
+        """Remember exposures of users in owned partitions (for attributing events
+        that carry no rec_id); returns how many were new."""
+        owned = self.owned
+        return self.exposures.note(e for e in exposures if self.partition(e.user_id) in owned)
+
+    def attributions_of(
+        self, source: str, events: Sequence[Sequence], lines: Sequence[int], decided: Mapping
+    ) -> dict[str, tuple[float, bytes]]:
+        """Attribution records of the decided events, keyed by their (source, line)."""
+        records = {}
+        for event, line in zip(events, lines, strict=True):
+            hit = decided.get(line)
+            if hit is not None:
+                record = Attribution(hit[0], event[0], event[1], event[2], event[3], hit[1])
+                records[attribution_key(source, line)] = (event[3], record.encode())
+        return records
 
     def reload_from(self, checkpoint: Checkpoint) -> None:
         """Start again from a checkpoint: nothing in memory is trusted any more."""
@@ -312,7 +348,12 @@ class ShardState:
         events = [tuple(e) for _, e in kept]
         self.check_trusted(events)
         self.apply_in_memory(events, seq)
-        self.record_lines(row.source, events, [line for line, _ in kept], row.span)
+        lines = [line for line, _ in kept]
+        self.record_lines(row.source, events, lines, row.span)
+        if row.refs:  # the attributions decided when the row was written, again
+            self.pending_attributions.update(
+                self.attributions_of(row.source, events, lines, row.refs)
+            )
 
     def quarantine(self, seq: int, blob: bytes, reason: str) -> None:
         log.error("%s: journal row %d quarantined: %s", self.name, seq, reason)
@@ -466,6 +507,7 @@ class ShardState:
         validated: bool,
         span: Sequence[int] | None = None,
         arrived_at: float | None = None,
+        refs: Mapping[int, tuple] | None = None,
     ) -> CheckedBatch:
         """Validate a batch (or check a pre-validated one against this shard's rules)
         and pair each valid event with its line (default: its index)."""
@@ -482,12 +524,12 @@ class ShardState:
         if validated:
             valid = [tuple(e) for e in events]
             self.check_trusted(valid)
-            return CheckedBatch(valid, list(lines), [], span, arrived_at)
+            return CheckedBatch(valid, list(lines), [], span, arrived_at, dict(refs or {}))
         valid, errors = self.validator.validate(events)
         self.totals["rejected"] += len(errors)
         bad = {e["index"] for e in errors}
         kept = [line for n, line in enumerate(lines) if n not in bad]
-        return CheckedBatch(valid, kept, errors, span, arrived_at)
+        return CheckedBatch(valid, kept, errors, span, arrived_at, references(events, lines))
 
     def check_trusted(self, events: Sequence[Sequence]) -> None:
         """Refuse pre-validated events this shard's rules cannot apply (a fleet started
@@ -592,10 +634,25 @@ class ShardState:
         row = {"source": source, "events": events, "lines": lines, "fence": fence}
         if batch.span is not None:
             row["span"] = list(batch.span)
+        # Attribution is decided once, here, and journaled: a replay reproduces it
+        # without the exposure index (which may have changed since).
+        decided = decide(self.exposures, events, lines, batch.refs)
+        if decided:
+            row["refs"] = [[line, rec_id, position] for line, (rec_id, position) in decided.items()]
         blob = codec.encode(row)
         seq = self.last_seq + 1
         return PreparedBatch(
-            source, seq, events, lines, users, keys, blob, fence, ack, batch.arrived_at
+            source,
+            seq,
+            events,
+            lines,
+            users,
+            keys,
+            blob,
+            fence,
+            ack,
+            batch.arrived_at,
+            self.attributions_of(source, events, lines, decided) if decided else {},
         )
 
     def append(self, batch: PreparedBatch) -> None:
@@ -637,6 +694,7 @@ class ShardState:
             ) from exc
         for key, (partition, lines) in batch.keys.items():
             self.dedup.record(key, partition, lines)
+        self.pending_attributions.update(batch.attributions)
         self.last_seq = batch.seq
         self.totals["applied"] += batch.ack.applied
         # Live batches only: a replayed row's delay says how long the shard was down.
@@ -754,11 +812,18 @@ class ShardState:
             signals_slot=slot,
             signals=signals,
             meta=meta,
+            attributions=self.take_attributions(),
         )
+
+    def take_attributions(self) -> dict[str, tuple[float, bytes]]:
+        taken, self.pending_attributions = self.pending_attributions, {}
+        return taken
 
     def abort_checkpoint(self, plan: CheckpointPlan) -> None:
         self.table.mark_dirty(plan.users)
         self.dedup.mark_dirty(plan.dedup)
+        # Newer records of the same key (none: a key is applied once) would win.
+        self.pending_attributions = {**plan.attributions, **self.pending_attributions}
 
     async def write_profiles(self, users: list[str], chunk: int = CHECKPOINT_CHUNK) -> None:
         """Encode and write profiles a chunk at a time, encoding the next chunk while
@@ -810,6 +875,7 @@ class ShardState:
         """Write the dedup entries and item signals as of the position, record the
         position pointing at them, then trim the journal."""
         self.store.put_dedup(plan.dedup, self.settings.dedup_retention_s)
+        self.store.put_attributions(plan.attributions, self.settings.exposure_retention_s)
         self.store.put_signals(self.name, plan.signals_slot, plan.signals)
         self.store.put_checkpoint(self.name, Checkpoint(seq=plan.seq, meta=plan.meta))
         self.signals_slot = plan.signals_slot
@@ -843,6 +909,7 @@ class CheckpointPlan:
     signals_slot: int
     signals: list[bytes]
     meta: bytes
+    attributions: dict[str, tuple[float, bytes]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -858,6 +925,7 @@ class JournalRow:
     deleted_at: float = 0.0
     released: dict[int, int] | None = None  # a hand-over's seal: partition -> epoch
     span: tuple[int, int] | None = None
+    refs: dict[int, tuple[str, int]] | None = None  # line -> attributed (rec_id, position)
 
 
 def journal_row(row: dict) -> JournalRow:
@@ -878,4 +946,7 @@ def journal_row(row: dict) -> JournalRow:
         lines=lines,
         fence=fence,
         span=span,
+        refs={int(line): (rec_id, pos) for line, rec_id, pos in row["refs"]}
+        if row.get("refs")
+        else None,
     )

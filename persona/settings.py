@@ -154,6 +154,22 @@ class Settings:
         }
     )
 
+    # --- experiments: exposures and attribution (README, "Experiments") ---
+    # Exposures a replica holds before flushing them to the store; beyond it the
+    # oldest are dropped and counted, so a store
+    # outage never grows a replica's memory nor slows recommendations.
+    exposure_buffer: int = 20_000
+    # How often a replica flushes exposures (to the owning shards, then the store).
+    exposure_flush_s: float = 1.0
+    # How long exposures and attributions are kept (Cassandra TTL, SQLite pruning).
+    exposure_retention_s: int = 30 * 86_400
+    # An event without a rec_id is attributed to the latest exposure of its item to
+    # its user at most this long before it.
+    attribution_window_s: float = 86_400.0
+    # Users whose recent exposures a shard keeps for attribution (least recently
+    # exposed forgotten first).
+    exposure_index_users: int = 200_000
+
     # --- serving ---
     # The API's bearer tokens by name, as SHA-256 digests, never plaintext (JSON in
     # PERSONA_API_TOKENS): {"ci": {"sha256": "<hex>", "role": "write"}}. Roles: "read"

@@ -32,13 +32,14 @@ from persona.errors import (
     StoreUnavailable,
 )
 from persona.settings import Settings, load_settings
-from serving import schemas
+from serving import experiment_routes, schemas
 from serving.auth import (
     TokenTable,
     access_tokens,
     client_scope,
     refuse_open_exposure,
 )
+from serving.exposures import ExposureLog
 from serving.metrics import EventMetrics, RequestMetrics
 from serving.recommend import RecommenderCore
 from serving.views import (
@@ -64,6 +65,7 @@ api = FastAPI(
     description="Live user profiles and recommendations. Errors share one body shape: "
     '`{"error": {"code", "message", "errors"?}}`.',
 )
+api.include_router(experiment_routes.router)
 
 ERRORS = {
     400: {"model": schemas.ErrorBody, "description": "malformed request"},
@@ -148,6 +150,7 @@ ENDPOINTS = {
     "get_item": "items_get",
     "healthz": "healthz",
     "readyz": "readyz",
+    **experiment_routes.ENDPOINTS,
 }
 
 
@@ -172,7 +175,7 @@ def _valid_id(value: str, name: str, *, in_url_path: bool = True) -> str:
 
 @serve.deployment(name="Ingress", max_ongoing_requests=256)
 @serve.ingress(api)
-class Ingress:
+class Ingress(experiment_routes.ExperimentRoutes):
     def __init__(self, settings: dict, tokens: dict[str, dict]):
         self.settings = Settings(**settings)
         self.rules = ProfileRules.from_settings(self.settings)
@@ -189,7 +192,10 @@ class Ingress:
         self.recommender = RecommenderCore(self.settings, self.fleet, self.store)
         self.recommender.load_catalog()
         self.recommender.load_model()
+        self.recommender.load_experiment()
+        self.recommender.exposures = ExposureLog(self.settings.exposure_buffer)
         self._refresher: asyncio.Task | None = None
+        self._exposure_flusher: asyncio.Task | None = None
         self.metrics = EventMetrics()
         # An event holds its fields and up to MAX_TOPICS topics; an item its fields, its
         # topics and an embedding.
@@ -205,9 +211,9 @@ class Ingress:
         # ASGI shutdown, on the replica's loop); Python calls it when it frees an instance
         # whose __init__ failed part way. Stops the refresh and closes the store session
         # the replica opened (its fleet and recommender only borrow it).
-        refresher = getattr(self, "_refresher", None)
-        if refresher is not None:
-            refresher.cancel()
+        for task in (getattr(self, "_refresher", None), getattr(self, "_exposure_flusher", None)):
+            if task is not None:
+                task.cancel()
         store, self.store = getattr(self, "store", None), None
         if store is not None:
             store.close()
@@ -215,6 +221,9 @@ class Ingress:
     def _keep_recommender_fresh(self) -> None:
         if self._refresher is None or self._refresher.done():
             self._refresher = asyncio.get_running_loop().create_task(self.recommender.keep_fresh())
+        if self._exposure_flusher is None or self._exposure_flusher.done():
+            loop = asyncio.get_running_loop()
+            self._exposure_flusher = loop.create_task(self.recommender.keep_logging())
 
     async def _recommender_ready(self) -> RecommenderCore:
         """The recommender with its signals pulled at least once, refreshing from then on."""

@@ -17,14 +17,18 @@ import asyncio
 import logging
 import math
 import time
+import uuid
 
 from actors import item_model
+from actors.attribution import Exposure
 from actors.catalog import decode_item
 from actors.fleet import Fleet
 from actors.item_stats import merge_snapshots
 from actors.profile import ProfileView
 from persona.settings import Settings
-from serving.ranking import Catalog, Signals, assign_variant, recommend
+from serving import experiments
+from serving.exposures import ExposureLog
+from serving.ranking import Catalog, Signals, recommend
 from storage import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,10 @@ class RecommenderCore:
         self.catalog_loaded_at = 0.0
         self.signals_loaded_at = 0.0
         self.model: item_model.ItemEmbeddings | None = None
+        # PERSONA_EXPERIMENTS until the store's experiment log is read (load_experiment).
+        self.experiment = experiments.from_settings(settings.experiments)
+        # Exposures of the responses, when this core serves an API (the Ingress).
+        self.exposures: ExposureLog | None = None
 
     def load_catalog(self) -> int:
         records = (decode_item(i, blob) for i, blob in self.store.scan_items())
@@ -62,6 +70,28 @@ class RecommenderCore:
             self.model = model
             self.catalog = self.catalog.with_model(model.version, model.ids, model.vectors)
         return self.model.version if self.model is not None else None
+
+    def load_experiment(self) -> experiments.Experiment:
+        """Read the experiment log: the running experiment serves from the next
+        request (a change takes effect without a restart)."""
+        self.experiment, _log = experiments.current(self.store, self.settings.experiments)
+        return self.experiment
+
+    async def flush_exposures(self) -> int:
+        if self.exposures is None:
+            return 0
+        return await self.exposures.flush(
+            self.store, self.fleet, self.settings.exposure_retention_s
+        )
+
+    async def keep_logging(self) -> None:
+        """Flush exposures on their interval, forever (ExposureLog says how)."""
+        while True:
+            await asyncio.sleep(self.settings.exposure_flush_s)
+            try:
+                await self.flush_exposures()
+            except Exception:
+                log.exception("exposure flush failed")
 
     async def load_signals(self) -> None:
         if self.fleet is None:
@@ -100,6 +130,7 @@ class RecommenderCore:
                 if time.monotonic() - self.catalog_loaded_at >= settings.catalog_refresh_s:
                     await asyncio.to_thread(self.load_catalog)
                 await asyncio.to_thread(self.load_model)
+                await asyncio.to_thread(self.load_experiment)
                 await self.load_signals()
             except Exception:
                 log.exception("recommender refresh failed")
@@ -113,20 +144,34 @@ class RecommenderCore:
         topic: str | None,
         exclude_seen: bool,
     ) -> dict:
-        experiments = self.settings.experiments
-        variant = assign_variant(user_id, experiments)
+        experiment = self.experiment
+        variant = experiment.assign(user_id)
         items = recommend(
             profile,
             self.catalog,
             self.signals,
-            experiments[variant]["blend"],
+            experiment.blend(variant),
             k=k,
             topic=topic,
             exclude_seen=exclude_seen,
             max_per_topic=self.settings.max_per_topic,
         )
+        rec_id = uuid.uuid4().hex
+        if self.exposures is not None:
+            self.exposures.add(
+                Exposure(
+                    rec_id,
+                    user_id,
+                    time.time(),
+                    experiment.name,
+                    variant,
+                    tuple(item["item_id"] for item in items),
+                )
+            )
         return {
             "user_id": user_id,
+            "rec_id": rec_id,
+            "experiment": experiment.name,
             "variant": variant,
             "cold_start": profile is None,
             "model": self.catalog.model_version or None,

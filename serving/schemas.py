@@ -27,6 +27,10 @@ class EventIn(BaseModel):
     topics: list[str] = Field(default_factory=list, max_length=16)
     weight: float = Field(1.0, gt=0, le=1000)
     event_id: str | None = Field(None, max_length=128)
+    rec_id: str | None = Field(
+        None, max_length=128, description="the recommendations response this event answers"
+    )
+    position: int | None = Field(None, ge=0, description="the item's place in that response")
 
 
 class Ack(BaseModel):
@@ -73,7 +77,11 @@ class Recommendation(BaseModel):
 
 class RecommendationsOut(BaseModel):
     user_id: str
-    variant: str = Field(description="the experiment variant that served this response")
+    rec_id: str = Field(description="names this response: send it with the events it causes")
+    experiment: str = Field(description="the running experiment")
+    variant: str | None = Field(
+        description="the experiment variant that served this response (none: outside it)"
+    )
     cold_start: bool
     model: str | None = Field(
         None, description="the item-embedding model version ranking used (none published yet)"

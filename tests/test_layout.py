@@ -28,8 +28,11 @@ PURE = [
     "actors/dedup.py",
     "actors/item_stats.py",
     "actors/shard_state.py",
+    "actors/attribution.py",
     "serving/ranking.py",
     "serving/views.py",
+    "serving/experiments.py",
+    "serving/stats.py",
     "storage/codec.py",
 ]
 
