@@ -166,6 +166,34 @@ def _model(args: argparse.Namespace) -> int:
         store.close()
 
 
+def _experiments(args: argparse.Namespace) -> int:
+    """Results, plots and changes of the experiments in the store the command acts on."""
+    from jobs import experiments
+    from storage import open_store
+
+    settings = _settings(args)
+    store = open_store(settings=settings)
+    try:
+        return experiments.run(settings, store, args)
+    finally:
+        store.close()
+
+
+def _exposures(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jobs.experiments import export_exposures
+    from storage import open_store
+
+    store = open_store(settings=_settings(args))
+    try:
+        count = export_exposures(store, Path(args.out), since=args.since)
+    finally:
+        store.close()
+    print(f"{count} exposures -> {args.out}")
+    return 0
+
+
 def _ask_api(args: argparse.Namespace, path: str) -> int:
     settings = _settings(args)
     url = f"http://127.0.0.1:{settings.http_port}{path}"
@@ -254,6 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("action", choices=["list", "switch", "rollback"])
     model.add_argument("version", nargs="?", help="the version to switch to")
     model.add_argument("--store")
+    exp = command("experiments", _experiments, "experiment results, plots and changes")
+    exp.add_argument("name", nargs="?", help="an experiment (none: list them)")
+    exp.add_argument("--plot", metavar="OUT.png", help="draw the engagement rate over time")
+    exp.add_argument("--json", action="store_true", help="the whole report as JSON")
+    exp.add_argument(
+        "--set",
+        metavar="V=SHARE,...",
+        help="change the running experiment's shares (a new NAME starts a new experiment)",
+    )
+    exp.add_argument("--blend", action="append", metavar="V=JSON", help="a variant's blend")
+    exp.add_argument("--control", help="the control variant")
+    exp.add_argument("--salt", help="the salt of a new experiment (default: its name)")
+    exp.add_argument("--store")
+    expo = command("exposures", _exposures, "export the exposure log as JSON lines")
+    expo.add_argument("action", choices=["export"])
+    expo.add_argument("out", metavar="OUT.jsonl")
+    expo.add_argument("--since", type=float, default=0.0, help="epoch seconds")
+    expo.add_argument("--store")
     profile = command("profile", _profile, "print a user's profile from the running API")
     profile.add_argument("user")
     profile.add_argument("--port", type=int)
