@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test lint format cassandra-start cassandra-stop bench bench-quick bench-deps clean
+.PHONY: install demo test lint format cassandra-start cassandra-stop bench bench-quick bench-deps clean \
+	browser screenshots
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +26,15 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Everything on a fresh machine: deps, Cassandra jars, a running node, the suite.
+# Headless Chromium for the console's browser test (tests/test_console.py), from Debian's
+# packages as the Cassandra jars come from Maven Central; nothing to do when it is there.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+
+# Everything on a fresh machine: deps, Cassandra jars, Chromium, a running node, the suite.
 # The node is stopped afterwards (even when tests fail) unless it was already running.
-test: install
+test: install browser
 	$(BIN)/persona cassandra fetch
 	$(BIN)/ruff check .
 	@was_running=0; $(BIN)/persona cassandra status >/dev/null 2>&1 && was_running=1; \
@@ -35,6 +42,10 @@ test: install
 	$(BIN)/pytest $(PYTEST_ARGS); status=$$?; \
 	if [ $$was_running = 0 ]; then $(BIN)/persona cassandra stop; fi; \
 	exit $$status
+
+# The README's pictures of /ui and /docs, taken by the browser test against `persona up`.
+screenshots: install browser
+	PERSONA_SCREENSHOTS=docs $(BIN)/pytest -p no:cacheprovider tests/test_console.py
 
 cassandra-start: install
 	$(BIN)/persona cassandra start

@@ -32,7 +32,7 @@ from persona.errors import (
     StoreUnavailable,
 )
 from persona.settings import Settings, load_settings
-from serving import experiment_routes, schemas
+from serving import console, experiment_routes, schemas
 from serving.auth import (
     TokenTable,
     access_tokens,
@@ -64,7 +64,12 @@ api = FastAPI(
     version="1",
     description="Live user profiles and recommendations. Errors share one body shape: "
     '`{"error": {"code", "message", "errors"?}}`.',
+    # serving.console serves the docs from the package's own files: FastAPI's pages load
+    # their scripts from a CDN.
+    docs_url=None,
+    redoc_url=None,
 )
+console.install(api)
 api.include_router(experiment_routes.router)
 
 ERRORS = {
@@ -150,6 +155,7 @@ ENDPOINTS = {
     "get_item": "items_get",
     "healthz": "healthz",
     "readyz": "readyz",
+    **console.ENDPOINTS,
     **experiment_routes.ENDPOINTS,
 }
 
@@ -175,7 +181,7 @@ def _valid_id(value: str, name: str, *, in_url_path: bool = True) -> str:
 
 @serve.deployment(name="Ingress", max_ongoing_requests=256)
 @serve.ingress(api)
-class Ingress(experiment_routes.ExperimentRoutes):
+class Ingress(console.ConsoleReads, experiment_routes.ExperimentRoutes):
     def __init__(self, settings: dict, tokens: dict[str, dict]):
         self.settings = Settings(**settings)
         self.rules = ProfileRules.from_settings(self.settings)

@@ -112,3 +112,29 @@ class Readiness(BaseModel):
     status: str = Field(description='"ready" or "not ready"')
     store: str | None = Field(None, description="store state; only for a valid token")
     shards: dict[str, str] | None = Field(None, description="shard states; only for a valid token")
+
+
+class NearItem(BaseModel):
+    item_id: str
+    similarity: float = Field(description="cosine similarity to the user's vector")
+    topics: list[str]
+
+
+class NearestOut(BaseModel):
+    user_id: str
+    model: str | None = Field(None, description="the serving model version (none published yet)")
+    embedding: list[NearItem] = Field(
+        description="nearest to the profile's interest vector among the catalog's item "
+        "embeddings (empty when the profile has none)"
+    )
+    model_items: list[NearItem] = Field(
+        description="nearest to the recent engagements in the serving model (the `model` "
+        "recommendation source; empty without a model)"
+    )
+
+
+class ShardsOut(BaseModel):
+    shards: list[dict] = Field(
+        description="per shard: name, state (ok, or down with why), and its statistics as "
+        "`persona status` shows them (resident, dirty, evicted, journal positions, ...)"
+    )
