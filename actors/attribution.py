@@ -114,7 +114,9 @@ class ExposureIndex:
         self.window_s = window_s
         self.max_users = max_users
         self._users: OrderedDict[str, deque] = OrderedDict()
-        self._seen: set[str] = set()  # rec_ids held, so a resend is not noted twice
+        # rec_id -> (experiment, variant) of the exposures held: a resend is not noted
+        # twice, and an attributed event is counted under its exposure's variant.
+        self._arms: dict[str, tuple[str | None, str | None]] = {}
 
     def __len__(self) -> int:
         return len(self._users)
@@ -123,7 +125,7 @@ class ExposureIndex:
         """Remember exposures (any order); returns how many were new."""
         added = 0
         for exposure in sorted(exposures, key=lambda e: e.at):
-            if exposure.rec_id in self._seen:
+            if exposure.rec_id in self._arms:
                 continue
             entries = self._users.get(exposure.user_id)
             if entries is None:
@@ -131,15 +133,16 @@ class ExposureIndex:
             self._users.move_to_end(exposure.user_id)
             positions = {item: n for n, item in reversed(list(enumerate(exposure.items)))}
             entries.append((exposure.at, exposure.rec_id, positions))
-            self._seen.add(exposure.rec_id)
+            self._arms[exposure.rec_id] = (exposure.experiment, exposure.variant)
             added += 1
             # Exposures a window older than the newest one can no longer be the latest
             # match of any event that could still arrive in order.
             while len(entries) > EXPOSURES_PER_USER or entries[0][0] < exposure.at - self.window_s:
-                self._seen.discard(entries.popleft()[1])
+                self._arms.pop(entries.popleft()[1], None)
         while len(self._users) > self.max_users:
             _user, entries = self._users.popitem(last=False)
-            self._seen.difference_update(rec_id for _, rec_id, _ in entries)
+            for _, rec_id, _ in entries:
+                self._arms.pop(rec_id, None)
         return added
 
     def find(self, user_id: str, item_id: str, ts: float) -> tuple[str, int] | None:
@@ -163,11 +166,15 @@ class ExposureIndex:
                 return positions.get(item_id)
         return None
 
+    def arm_of(self, rec_id: str) -> tuple[str | None, str | None] | None:
+        """(experiment, variant) of a held exposure, or None when it is not held."""
+        return self._arms.get(rec_id)
+
     def forget_users(self, user_ids: Iterable[str]) -> None:
         for user in user_ids:
             entries = self._users.pop(user, None)
-            if entries:
-                self._seen.difference_update(rec_id for _, rec_id, _ in entries)
+            for _, rec_id, _ in entries or ():
+                self._arms.pop(rec_id, None)
 
 
 def decide(

@@ -16,7 +16,7 @@ import os
 import time
 
 import ray
-from ray.util.metrics import Gauge
+from ray.util.metrics import Counter, Gauge
 
 from actors.attribution import Exposure
 from actors.shard_state import Ack, ShardState
@@ -74,6 +74,14 @@ class ProfileShard:
                 ("quarantined_rows", "journal rows that could not be applied (kept aside)"),
             )
         }
+        # Engagement per variant (README, "Experiments"): attributed events applied,
+        # exported as the increase since the last report.
+        self._attributed = Counter(
+            "persona_attributed_events",
+            description="events attributed to a recommendation, by experiment, variant, action",
+            tag_keys=("experiment", "variant", "action"),
+        )
+        self._attributed_reported: dict[tuple[str, str, str], int] = {}
         # Freshness as a Prometheus histogram (cumulative le buckets, count, sum) of
         # events, from the shard's own bucketed counts: a Ray Histogram costs ~2.5 us
         # per observe and takes no count, so one per event would tax every batch.
@@ -127,6 +135,16 @@ class ProfileShard:
         self._gauges["evictions"].set(self.state.totals["evicted"], tags=tags)
         self._gauges["load_misses"].set(self.state.totals["load_misses"], tags=tags)
         self._gauges["quarantined_rows"].set(self.state.totals["quarantined"], tags=tags)
+        for arm, count in self.state.attributed.items():
+            reported = self._attributed_reported.get(arm, 0)
+            # A state read again from the store counts from zero again.
+            increase = count - reported if count >= reported else count
+            if increase:
+                experiment, variant, action = arm
+                self._attributed.inc(
+                    increase, tags={"experiment": experiment, "variant": variant, "action": action}
+                )
+                self._attributed_reported[arm] = count
         for delay, histogram in self.state.freshness.lifetime.items():
             if not histogram.count:
                 continue

@@ -156,6 +156,9 @@ class ShardState:
         # attributions applied since the last checkpoint (written by the next one).
         self.exposures = ExposureIndex(settings.attribution_window_s, settings.exposure_index_users)
         self.pending_attributions: dict[str, tuple[float, bytes]] = {}
+        # Attributed events applied by this incarnation, by (experiment, variant,
+        # action); "" where the exposure is no longer held (exported as a counter).
+        self.attributed: Counter[tuple[str, str, str]] = Counter()
         self.totals = {
             "applied": 0,
             "duplicate": 0,
@@ -695,6 +698,10 @@ class ShardState:
         for key, (partition, lines) in batch.keys.items():
             self.dedup.record(key, partition, lines)
         self.pending_attributions.update(batch.attributions)
+        for _ts, blob in batch.attributions.values():
+            record = Attribution.decode(blob)
+            experiment, variant = self.exposures.arm_of(record.rec_id) or ("", "")
+            self.attributed[(experiment or "", variant or "", record.action)] += 1
         self.last_seq = batch.seq
         self.totals["applied"] += batch.ack.applied
         # Live batches only: a replayed row's delay says how long the shard was down.

@@ -155,6 +155,9 @@ class Settings:
     )
 
     # --- experiments: exposures and attribution (README, "Experiments") ---
+    # Log what recommendations showed (off: no exposures, so no attribution without a
+    # rec_id and no results; responses still carry their rec_id).
+    exposure_logging: bool = True
     # Exposures a replica holds before flushing them to the store; beyond it the
     # oldest are dropped and counted, so a store
     # outage never grows a replica's memory nor slows recommendations.

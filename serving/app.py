@@ -40,7 +40,7 @@ from serving.auth import (
     refuse_open_exposure,
 )
 from serving.exposures import ExposureLog
-from serving.metrics import EventMetrics, RequestMetrics
+from serving.metrics import EventMetrics, ExposureMetrics, RequestMetrics
 from serving.recommend import RecommenderCore
 from serving.views import (
     ApiError,
@@ -199,7 +199,13 @@ class Ingress(console.ConsoleReads, experiment_routes.ExperimentRoutes):
         self.recommender.load_catalog()
         self.recommender.load_model()
         self.recommender.load_experiment()
-        self.recommender.exposures = ExposureLog(self.settings.exposure_buffer)
+        if self.settings.exposure_logging:
+            exposure_metrics = ExposureMetrics()
+            exposures = ExposureLog(
+                self.settings.exposure_buffer,
+                on_written=lambda batch: exposure_metrics.written(batch, exposures.dropped),
+            )
+            self.recommender.exposures = exposures
         self._refresher: asyncio.Task | None = None
         self._exposure_flusher: asyncio.Task | None = None
         self.metrics = EventMetrics()
@@ -227,7 +233,9 @@ class Ingress(console.ConsoleReads, experiment_routes.ExperimentRoutes):
     def _keep_recommender_fresh(self) -> None:
         if self._refresher is None or self._refresher.done():
             self._refresher = asyncio.get_running_loop().create_task(self.recommender.keep_fresh())
-        if self._exposure_flusher is None or self._exposure_flusher.done():
+        if self.recommender.exposures is not None and (
+            self._exposure_flusher is None or self._exposure_flusher.done()
+        ):
             loop = asyncio.get_running_loop()
             self._exposure_flusher = loop.create_task(self.recommender.keep_logging())
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from actors.attribution import Exposure
 from persona.errors import PersonaError
@@ -34,8 +35,10 @@ class ExposureLog:
     (['r1', 'r2'], 1)
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, on_written: Callable[[list[Exposure]], None] | None = None):
         self.capacity = capacity
+        # Told of each batch the store took (the replica's exposure metrics).
+        self.on_written = on_written
         self._buffer: deque[Exposure] = deque()
         self.added = 0
         self.dropped = 0
@@ -83,6 +86,8 @@ class ExposureLog:
             log.warning("exposures not written (%d kept for the next flush): %s", len(batch), exc)
             return 0
         self.flushed += len(batch)
+        if self.on_written is not None:
+            self.on_written(batch)
         return len(batch)
 
     def stats(self) -> dict:

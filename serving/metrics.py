@@ -25,6 +25,34 @@ class EventMetrics:
             self._events.inc(rejected, tags={"outcome": "rejected"})
 
 
+class ExposureMetrics:
+    """What a replica's exposure log wrote, by experiment and variant, and what it had
+    to drop (serving.exposures.ExposureLog): counted per flushed batch, not per request."""
+
+    def __init__(self) -> None:
+        self._exposures = metrics.Counter(
+            "persona_exposures",
+            description="recommendation responses logged as exposures, by experiment and variant",
+            tag_keys=("experiment", "variant"),
+        )
+        self._dropped = metrics.Counter(
+            "persona_exposures_dropped",
+            description="exposures dropped, oldest first, when a replica's buffer was full",
+        )
+        self._dropped_reported = 0
+
+    def written(self, batch: list, dropped_total: int) -> None:
+        arms: dict[tuple[str, str], int] = {}
+        for exposure in batch:
+            arm = (exposure.experiment or "", exposure.variant or "")
+            arms[arm] = arms.get(arm, 0) + 1
+        for (experiment, variant), count in arms.items():
+            self._exposures.inc(count, tags={"experiment": experiment, "variant": variant})
+        if dropped_total > self._dropped_reported:
+            self._dropped.inc(dropped_total - self._dropped_reported)
+            self._dropped_reported = dropped_total
+
+
 class RequestMetrics:
     """ASGI middleware that counts and times every HTTP response by endpoint, status and
     experiment variant, whatever produced it: a route, an error raised before the

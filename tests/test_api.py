@@ -628,3 +628,47 @@ def test_a_shard_that_is_gone_is_a_503_naming_it_until_it_runs_again(api):
         assert again.status_code == 200, again.text
         assert again.json()["applied"] + again.json()["duplicate"] == 1, again.text
         assert api.get("/readyz", headers=AUTH).status_code == 200
+
+
+def test_exposures_are_logged_and_counted_unless_the_switch_is_off(api):
+    """A recommendations response is an exposure in the store within a flush or two;
+    behind an app built with PERSONA_EXPOSURE_LOGGING=0 the response still names its
+    rec_id but nothing is logged (what bench.exposure_bench compares)."""
+    import httpx
+    from ray import serve
+
+    from serving.app import build_app
+    from storage import open_store
+
+    post(api, [event(user="exposed", item="e-1"), event(user="unlogged", item="e-2")])
+
+    def logged_rec_ids(wanted: set[str], deadline_s: float) -> set[str]:
+        """The rec_ids in the store once ``wanted`` are there, or at the deadline."""
+        deadline = time.monotonic() + deadline_s
+        with open_store(settings=api.settings) as store:
+            while True:
+                found = {rec for rec, _at, _blob in store.scan_exposures(0.0, time.time() + 60)}
+                if time.monotonic() > deadline or found >= wanted:
+                    return found
+                time.sleep(0.5)
+
+    shown = api.get("/v1/users/exposed/recommendations?k=3").json()
+    assert shown["rec_id"] in logged_rec_ids({shown["rec_id"]}, 30.0)
+
+    overrides = {
+        "store_url": api.settings.store_url,
+        "namespace": api.settings.namespace,
+        "partitions": api.settings.partitions,
+        "api_token": API_TOKEN,
+        "exposure_logging": False,
+    }
+    serve.run(build_app(overrides), name="persona-unlogged", route_prefix="/unlogged")
+    try:
+        base = str(api.base_url).rstrip("/") + "/unlogged"
+        quiet = httpx.get(base + "/v1/users/unlogged/recommendations?k=3", timeout=30).json()
+        assert quiet["rec_id"]
+        # Several flush intervals pass without it.
+        waited = 5 * api.settings.exposure_flush_s
+        assert quiet["rec_id"] not in logged_rec_ids({quiet["rec_id"]}, waited)
+    finally:
+        serve.delete("persona-unlogged")
