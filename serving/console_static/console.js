@@ -247,9 +247,25 @@ function interval(value) {
   return null;
 }
 
+// A metric as the experiments endpoint gives it: a number, [low, high], or an object with
+// an estimate (mean, estimate or value) and an interval (ci95, ci or interval).
+function estimate(value) {
+  if (typeof value === "number") return { estimate: value, bounds: null };
+  if (!value || typeof value !== "object" || Array.isArray(value)) return null;
+  const name = ["mean", "estimate", "value"].find((key) => key in value);
+  if (name === undefined) return null;
+  const point = value[name];
+  return { estimate: point, bounds: interval(value.ci95 ?? value.ci ?? value.interval) };
+}
+
 function cell(value) {
   const bounds = interval(value);
   if (bounds) return `[${fmt(bounds[0])}, ${fmt(bounds[1])}]`;
+  const metric = value && typeof value === "object" ? estimate(value) : null;
+  if (metric) {
+    if (metric.estimate === null) return "—";
+    return fmt(metric.estimate) + (metric.bounds ? ` [${fmt(metric.bounds[0])}, ${fmt(metric.bounds[1])}]` : "");
+  }
   if (value && typeof value === "object") return JSON.stringify(value);
   return value === null || value === undefined ? "" : fmt(value);
 }
@@ -273,15 +289,19 @@ function variantRows(result) {
 
 // The first metric that carries an interval, one point and whisker per variant.
 function intervalPlot(rows) {
-  const keys = rows.length ? Object.keys(rows[0]).filter((k) => interval(rows[0][k])) : [];
-  if (!keys.length) return null;
-  const key = keys[0];
-  const points = rows.map((row) => {
-    const [low, high] = interval(row[key]);
-    const base = key.replace(/_(ci|interval)$/, "");
-    const estimate = typeof row[base] === "number" && base !== key ? row[base] : (low + high) / 2;
-    return { name: String(row.variant ?? row.name ?? ""), low, high, estimate };
-  });
+  const measured = (row, key) => {
+    const metric = estimate(row[key]);
+    if (metric && metric.bounds && typeof metric.estimate === "number") return metric;
+    const bounds = interval(row[key]);
+    return bounds ? { estimate: (bounds[0] + bounds[1]) / 2, bounds } : null;
+  };
+  const keys = [...new Set(rows.flatMap((r) => Object.keys(r)))];
+  const key = keys.find((k) => rows.some((row) => measured(row, k)));
+  if (!key) return null;
+  const points = rows
+    .map((row) => ({ name: String(row.variant ?? row.name ?? ""), metric: measured(row, key) }))
+    .filter((p) => p.metric)
+    .map((p) => ({ name: p.name, low: p.metric.bounds[0], high: p.metric.bounds[1], estimate: p.metric.estimate }));
   const min = Math.min(...points.map((p) => p.low)), max = Math.max(...points.map((p) => p.high));
   const span = max - min || 1, row = 28, left = 110, width = 420;
   const x = (v) => left + ((v - min) / span) * (width - left - 20);
@@ -292,7 +312,7 @@ function intervalPlot(rows) {
     plot.append(svg("line", { class: "ci", x1: x(p.low), x2: x(p.high), y1: y, y2: y }));
     plot.append(svg("circle", { cx: x(p.estimate), cy: y, r: 4 }));
   });
-  plot.append(svg("text", { x: left, y: row * points.length + 16 }, `${key}: ${fmt(min)} … ${fmt(max)}`));
+  plot.append(svg("text", { x: left, y: row * points.length + 16 }, `${key} with its interval: ${fmt(min)} … ${fmt(max)}`));
   return el("div", { class: "plot" }, plot);
 }
 
