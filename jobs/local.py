@@ -111,6 +111,11 @@ def port_holder(port: int) -> str | None:
     return "another process"
 
 
+def ray_temp_dir(settings: Settings) -> str:
+    """The stack's Ray temp dir (short: Ray puts unix sockets under it)."""
+    return f"/tmp/persona-ray-{settings.ray_port}"
+
+
 def local_resources() -> dict[str, float]:
     """What a single-machine Ray offers: room for plenty of shards."""
     return {"persona_shard": 64}
@@ -212,6 +217,10 @@ def _start_head(settings: Settings, haproxy: bool, log_path: Path) -> subprocess
         f"--port={settings.ray_port}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={settings.dashboard_port}",
+        # A temp dir of its own: Ray's job supervisor finds the cluster a submitted job
+        # joins through <temp dir>/ray_current_cluster, which in the shared /tmp/ray
+        # names whichever head started last on the machine, not necessarily this one.
+        f"--temp-dir={ray_temp_dir(settings)}",
         # Ray's defaults for these (52365, 10001) are fixed: a second head on the machine
         # (another stack, a test cluster) would leave this one without a job agent.
         f"--dashboard-agent-listen-port={_unused_port()}",

@@ -53,6 +53,7 @@ def commands(block: str) -> list[str]:
 WALKED = (
     "make demo",
     "persona up",
+    "persona experiments",
     "ray up cluster.yaml",
     "TOKEN=$(openssl",
     "persona cassandra start",
@@ -168,9 +169,10 @@ def test_the_ray_job_walkthrough_runs_as_written(tmp_path):
     try:
         walked = run_block(block, env, root, timeout=600)
     finally:
-        subprocess.run(
-            [sys.executable, "-m", "jobs.cli", "down"], env=env, cwd=root, capture_output=True
-        )
+        # The installed command, as the block ran it: `python -m jobs.cli` in the copy
+        # would look for the stack in the copy's data dir and stop nothing.
+        persona = str(Path(sys.executable).parent / "persona")
+        subprocess.run([persona, "down"], env=env, cwd=root, capture_output=True)
     assert walked.returncode == 0, walked.stdout[-5000:]
     assert walked.stdout.count("succeeded") == 3 and "Ray head stopped" in walked.stdout
     profile_user = commands(block)[-2].split()[-1]
@@ -180,6 +182,39 @@ def test_the_ray_job_walkthrough_runs_as_written(tmp_path):
     )
     assert printed["user_id"] == profile_user
     assert printed["events"] == generated[profile_user] > 0
+
+
+def test_the_experiment_commands_run_as_written(tmp_path):
+    """Against a running `persona up` (the block's commands need one): list, results,
+    the plot, a live change of shares with a new variant, a second experiment, and
+    the exposure export."""
+    block = block_starting("persona experiments")
+    env = session_env(
+        PERSONA_HTTP_PORT=free_port(),
+        PERSONA_RAY_PORT=free_port(),
+        PERSONA_DASHBOARD_PORT=free_port(),
+        RAY_SERVE_HAPROXY_METRICS_PORT=free_port(),
+        RAY_SERVE_HAPROXY_STATS_PORT=free_port(),
+        PERSONA_DATA_DIR=tmp_path / "stack",
+    )
+    root = checkout_copy(tmp_path)
+    persona = str(Path(sys.executable).parent / "persona")
+    try:
+        up = subprocess.run([persona, "up"], env=env, cwd=root, capture_output=True, text=True)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        api = json.loads((tmp_path / "stack" / "up.json").read_text())["api"]
+        # Something to report on: a recommendation shown and clicked.
+        subprocess.run(
+            ["curl", "-sf", f"{api}/v1/users/walker/recommendations?k=3"], check=True, timeout=60
+        )
+        walked = run_block(block, env, root, timeout=300)
+    finally:
+        subprocess.run([persona, "down"], env=env, cwd=root, capture_output=True)
+    assert walked.returncode == 0, walked.stdout[-5000:]
+    assert (root / "docs" / "experiment.png").stat().st_size > 0
+    assert "trial" in walked.stdout and "new-ranker" in walked.stdout
+    exported = [json.loads(line) for line in (root / "exposures.jsonl").open()]
+    assert any(e["user_id"] == "walker" for e in exported)
 
 
 def test_the_cluster_commands_parse_with_rays_own_cli():
