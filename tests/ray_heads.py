@@ -139,3 +139,43 @@ class Head:
             if not found:
                 break
             time.sleep(0.5)
+
+
+# --- `persona up` stacks ----------------------------------------------------------
+
+STACK_PORTS = (
+    "PERSONA_HTTP_PORT",
+    "PERSONA_RAY_PORT",
+    "PERSONA_DASHBOARD_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+)
+
+
+def stack_env(data_dir, **settings) -> dict:
+    """The environment a test runs `persona` with: free ports for everything the
+    stack listens on (the machine may run other stacks), its own data dir, the given
+    PERSONA_* settings; never a RAY_ADDRESS of the session's."""
+    env = {
+        **os.environ,
+        **{name: str(free_port()) for name in STACK_PORTS},
+        "PERSONA_DATA_DIR": str(data_dir),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        **{name: str(value) for name, value in settings.items()},
+    }
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def persona(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed `persona` command (the checkout's code) with ``env``."""
+    from persona.settings import PROJECT_ROOT
+
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from persona.settings import PROJECT_ROOT
-from tests.ray_heads import free_port
+from tests.ray_heads import persona as run_persona
+from tests.ray_heads import stack_env
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -31,14 +32,7 @@ LOCAL_SCHEMES = {"data", "blob", "about", "chrome-error"}
 
 
 def persona(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", *args],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    done = run_persona(env, *args, timeout=timeout)
     assert done.returncode == 0, f"persona {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
     return done
 
@@ -53,26 +47,18 @@ def stack(tmp_path_factory):
     and a model trained: the API's address, the demo user (most events) and another."""
     data_dir = tmp_path_factory.mktemp("console")
     digest = lambda token: hashlib.sha256(token.encode()).hexdigest()  # noqa: E731
-    env = {
-        **os.environ,
-        "PERSONA_HTTP_PORT": str(free_port()),
-        "PERSONA_RAY_PORT": str(free_port()),
-        "PERSONA_DASHBOARD_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "PERSONA_DATA_DIR": str(data_dir),
-        "PERSONA_PARTITIONS": "16",
-        "PERSONA_PROTECT_READS": "1",
-        "PERSONA_SIGNALS_REFRESH_S": "1",
-        "PERSONA_API_TOKENS": json.dumps(
+    env = stack_env(
+        data_dir,
+        PERSONA_PARTITIONS=16,
+        PERSONA_PROTECT_READS=1,
+        PERSONA_SIGNALS_REFRESH_S=1,
+        PERSONA_API_TOKENS=json.dumps(
             {
                 "viewer": {"sha256": digest(READ_TOKEN), "role": "read"},
                 "ops": {"sha256": digest(ADMIN_TOKEN), "role": "admin"},
             }
         ),
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
+    )
     env.pop("PERSONA_API_TOKEN", None)
     generated = data_dir / "demo"
     persona(

@@ -6,48 +6,22 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import httpx
 import pytest
 
 from jobs.local import port_holder, session_members
 from persona.settings import PROJECT_ROOT
-from tests.ray_heads import free_port
+from tests.ray_heads import STACK_PORTS, free_port, persona
+from tests.ray_heads import stack_env as make_stack_env
 
 
 @pytest.fixture
 def stack_env(tmp_path):
-    ports = {
-        "PERSONA_HTTP_PORT": free_port(),
-        "PERSONA_RAY_PORT": free_port(),
-        "PERSONA_DASHBOARD_PORT": free_port(),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": free_port(),
-        "RAY_SERVE_HAPROXY_STATS_PORT": free_port(),
-    }
-    env = {
-        **os.environ,
-        **{k: str(v) for k, v in ports.items()},
-        "PERSONA_DATA_DIR": str(tmp_path),
-        "PERSONA_PARTITIONS": "16",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
-    yield env, ports
+    env = make_stack_env(tmp_path, PERSONA_PARTITIONS=16)
+    yield env, {name: int(env[name]) for name in STACK_PORTS}
     # Whatever a failing test left: the recorded session is stopped.
     persona(env, "down")
-
-
-def persona(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "jobs.cli", *args],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def recorded(env: dict) -> dict:

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -36,11 +34,11 @@ import pytest
 from actors.profile import Profile, ProfileRules
 from actors.routing import partition_of
 from jobs.local import session_members
-from persona.settings import PROJECT_ROOT, load_settings
+from persona.settings import load_settings
 from storage import codec
 from storage.cassandra_local import LocalNode
 from tests.conftest import require_cassandra
-from tests.ray_heads import free_port
+from tests.ray_heads import free_port, persona, stack_env
 from tests.test_fault_run import read_profiles
 from tests.test_shards import NOW, make_batch, reference_profiles
 
@@ -77,37 +75,12 @@ def node(tmp_path_factory):
 def stack(node, tmp_path):
     """The environment `persona` runs with (its own ports and data dir) and the store URL
     to bring it up on; whatever the test leaves running is stopped."""
-    ports = {
-        "PERSONA_HTTP_PORT": free_port(),
-        "PERSONA_RAY_PORT": free_port(),
-        "PERSONA_DASHBOARD_PORT": free_port(),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": free_port(),
-        "RAY_SERVE_HAPROXY_STATS_PORT": free_port(),
-    }
-    env = {
-        **os.environ,
-        **{k: str(v) for k, v in ports.items()},
-        "PERSONA_DATA_DIR": str(tmp_path),
-        "PERSONA_PARTITIONS": str(PARTITIONS),
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
+    env = stack_env(tmp_path, PERSONA_PARTITIONS=PARTITIONS)
     env.pop("PERSONA_STORE_URL", None)
     keyspace = f"stack_{uuid.uuid4().hex[:8]}"
     url = f"cassandra://127.0.0.1:{node.native_port}/{keyspace}?replication=1&consistency=ONE"
-    yield env, url, keyspace, f"http://127.0.0.1:{ports['PERSONA_HTTP_PORT']}"
+    yield env, url, keyspace, f"http://127.0.0.1:{env['PERSONA_HTTP_PORT']}"
     persona(env, "down")
-
-
-def persona(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "jobs.cli", *args],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def succeeded(done: subprocess.CompletedProcess) -> str:
