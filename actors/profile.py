@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
+import zlib
 from bisect import insort
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,24 @@ REBASE_EXPONENT = 200.0
 # The exponent floor of every exp(): exp(-745) is the smallest (subnormal) double, so
 # anything lower is 0 anyway; the floor keeps the reference and numpy bit-for-bit equal.
 EXP_FLOOR = -745.0
+# Bit positions an item sets in a profile's filter of earlier items (a Bloom filter).
+SEEN_HASHES = 3
+
+
+def seen_positions(item: str, bits: int) -> list[int]:
+    """The SEEN_HASHES bit positions of ``item`` in a filter of ``bits`` bits (double
+    hashing of two CRC32s: the same in every process, unlike ``hash``)."""
+    data = item.encode()
+    first = zlib.crc32(data)
+    step = zlib.crc32(data, 0x5BD1E995) | 1
+    return [(first + n * step) % bits for n in range(SEEN_HASHES)]
+
+
+def filter_has(earlier: bytes, item: str) -> bool:
+    """Whether ``item`` is in a filter of earlier items (false positives: rarely)."""
+    return all(earlier[b >> 3] >> (b & 7) & 1 for b in seen_positions(item, len(earlier) * 8))
+
+
 HIDE = "hide"
 
 
@@ -50,6 +69,7 @@ class ProfileRules:
     hidden_n: int
     actions: tuple[str, ...]
     weights: tuple[float, ...]
+    seen_bytes: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ProfileRules:
@@ -61,6 +81,7 @@ class ProfileRules:
             hidden_n=settings.hidden_items,
             actions=actions,
             weights=tuple(float(settings.action_weights[a]) for a in actions),
+            seen_bytes=settings.seen_filter_bytes,
         )
 
     def __post_init__(self) -> None:
@@ -92,11 +113,19 @@ class ProfileView:
     recent: tuple[tuple[float, str, str], ...]  # (ts, item_id, action), newest first
     hidden: frozenset[str]  # item ids the user hid
     interest_vector: tuple[float, ...] | None  # decayed mean of engaged items' embeddings
+    # The items that left ``recent`` (a Bloom filter; None when none has): what a user
+    # met before their recent actions, so it is not recommended again (``saw_earlier``).
+    earlier: bytes | None = None
 
     def __reduce__(self):
         # The fields as one tuple and the class's own __init__: unpickling a slotted,
         # frozen dataclass otherwise runs dataclasses' Python __setstate__ per object.
         return ProfileView, _VIEW_FIELDS(self)
+
+    def saw_earlier(self, item: str) -> bool:
+        """Whether the user met ``item`` before their recent actions (a false positive
+        at most a few times in a hundred for a full filter)."""
+        return self.earlier is not None and filter_has(self.earlier, item)
 
     def decay_factor(self, rate: float, at: float) -> float:
         """exp(-rate*(at - t0)): stored scores times this are the scores at ``at``."""
@@ -127,6 +156,7 @@ class Profile:
         "topics",
         "recent",
         "hidden",
+        "seen",
         "embedding",
         "embedding_weight",
         "journal",
@@ -145,6 +175,9 @@ class Profile:
         # (ts, item_id, action code), ascending; the real-time sequence.
         self.recent: list[tuple[float, str, int]] = []
         self.hidden: dict[str, float] | None = None
+        # Items that left ``recent`` when it was trimmed: a Bloom filter of
+        # rules.seen_bytes, created with the first of them.
+        self.seen: bytearray | None = None
         self.embedding: np.ndarray | None = None
         self.embedding_weight = 0.0
         # Last journal position applied: replay skips rows at or below it.
@@ -194,10 +227,23 @@ class Profile:
         if len(self.topics) > rules.top_k:
             self.topics = dict(self.ranked_topics()[: rules.top_k])
         if len(self.recent) > rules.recent_n:
+            if rules.seen_bytes:
+                self.remember_earlier(
+                    (item for _, item, _ in self.recent[: -rules.recent_n]), rules
+                )
             del self.recent[: -rules.recent_n]
         if self.hidden and len(self.hidden) > rules.hidden_n:
             newest = sorted(self.hidden.items(), key=lambda kv: (-kv[1], kv[0]))
             self.hidden = dict(newest[: rules.hidden_n])
+
+    def remember_earlier(self, items: Iterable[str], rules: ProfileRules) -> None:
+        """Add items leaving ``recent`` to the filter of earlier items."""
+        if self.seen is None:
+            self.seen = bytearray(rules.seen_bytes)
+        seen, bits = self.seen, rules.seen_bytes * 8
+        for item in items:
+            for b in seen_positions(item, bits):
+                seen[b >> 3] |= 1 << (b & 7)
 
     def view(self, rules: ProfileRules) -> ProfileView:
         """The read-only view readers get (the only place one is built)."""
@@ -215,6 +261,7 @@ class Profile:
             tuple([(ts, item, actions[code]) for ts, item, code in reversed(self.recent)]),
             frozenset(self.hidden or ()),
             None if vector is None else tuple(vector.tolist()),
+            None if self.seen is None else bytes(self.seen),
         )
 
     # --- persistence ---
@@ -230,6 +277,7 @@ class Profile:
             "t": self.topics,
             "r": [[ts, item, rules.actions[code]] for ts, item, code in self.recent],
             "h": self.hidden,
+            "sb": None if self.seen is None else bytes(self.seen),
             "e": self.embedding.tolist() if self.embedding is not None else None,
             "ew": self.embedding_weight,
             "j": self.journal,
@@ -273,11 +321,20 @@ class Profile:
             (ts, sys.intern(item), codes[action]) for ts, item, action in recent if action in codes
         ]
         profile.hidden = dict(record["h"]) if record.get("h") else None
+        profile.seen = _seen_filter(record.get("sb"), rules)
         if record.get("e") is not None:
             profile.embedding = np.asarray(record["e"], dtype=np.float64)
             profile.embedding_weight = record["ew"]
         profile.journal, profile.position = record["j"], record["p"]
         return profile
+
+
+def _seen_filter(stored: bytes | None, rules: ProfileRules) -> bytearray | None:
+    """A stored filter of earlier items, if it has this configuration's size (a filter
+    of another size cannot be read; it is dropped, and old items may come back)."""
+    if not stored or len(stored) != rules.seen_bytes:
+        return None
+    return bytearray(stored)
 
 
 def apply_events(

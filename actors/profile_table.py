@@ -32,15 +32,18 @@ from actors.profile import (
     EXP_FLOOR,
     HIDE,
     REBASE_EXPONENT,
+    SEEN_HASHES,
     STORED_SCALARS,
     Profile,
     ProfileRules,
     ProfileView,
     apply_events,
+    seen_positions,
 )
 from storage import codec
 
-# The per-row arrays (a row's whole state apart from its rare hidden items and embedding).
+# The per-row arrays (a row's whole state apart from its rare hidden items, filter of
+# earlier items and embedding).
 ARRAYS = (
     "counts", "first_seen", "last_seen", "t0", "events", "version", "position", "journal",
     "used", "dirty", "n_topics", "topic_ids", "topic_scores", "n_recent", "recent_ts",
@@ -95,6 +98,11 @@ class ProfileTable:
         self.topics = Vocabulary()
         self.journals = Vocabulary()
         self.hidden: dict[int, dict[str, float]] = {}
+        # Filters of the items that left a row's recent bag (Profile.seen), for the rows
+        # that have one: only users past recent_n actions.
+        self.seen: dict[int, np.ndarray] = {}
+        # Per vocabulary id, the filter bit positions of that item (seen_positions).
+        self._seen_bits = np.zeros((0, SEEN_HASHES), dtype=np.int64)
         self.embedding: dict[int, tuple[np.ndarray, float]] = {}
         self.clock = 0  # LRU: each touch stamps rows with a larger number
         self.capacity = 0
@@ -145,6 +153,7 @@ class ProfileTable:
             getattr(self, name)[rows] = 0
         for row in np.atleast_1d(rows).tolist():
             self.hidden.pop(row, None)
+            self.seen.pop(row, None)
             self.embedding.pop(row, None)
 
     def _new_row(self, user: str) -> int:
@@ -239,6 +248,7 @@ class ProfileTable:
         journal = self.journal[rows].tolist()
         journals, actions = self.journals.names, list(rules.actions)
         hidden, embedding, encode = self.hidden, self.embedding, codec.encoder()
+        seen = self.seen
         blobs = {}
         for i, (user, row) in enumerate(pairs):
             r0, r1, k0, k1 = start_r[i], start_r[i + 1], start_t[i], start_t[i + 1]
@@ -257,6 +267,8 @@ class ProfileTable:
             }
             if row in hidden:
                 record["h"] = hidden[row]
+            if row in seen:
+                record["sb"] = seen[row].tobytes()
             if row in embedding:
                 vector, weight = embedding[row]
                 record["e"], record["ew"] = vector.tolist(), weight
@@ -322,6 +334,8 @@ class ProfileTable:
         )
         hidden = self.hidden.get(row)
         profile.hidden = dict(hidden) if hidden else None
+        if row in self.seen:
+            profile.seen = bytearray(self.seen[row].tobytes())
         if row in self.embedding:
             vector, weight = self.embedding[row]
             profile.embedding, profile.embedding_weight = vector.copy(), weight
@@ -407,6 +421,9 @@ class ProfileTable:
         for row, record in zip(rows.tolist(), fast, strict=True):
             if record.get("h"):
                 self.hidden[row] = dict(record["h"])
+            stored = record.get("sb")
+            if stored and len(stored) == rules.seen_bytes:
+                self.seen[row] = np.frombuffer(stored, dtype=np.uint8).copy()
             if record.get("e") is not None:
                 vector = np.asarray(record["e"], dtype=np.float64)
                 self.embedding[row] = (vector, record["ew"])
@@ -470,6 +487,8 @@ class ProfileTable:
                 self.context_item[row, CONTEXT - len(engaged) :] = item_ids[engaged]
         if profile.hidden:
             self.hidden[row] = dict(profile.hidden)
+        if profile.seen is not None:
+            self.seen[row] = np.frombuffer(bytes(profile.seen), dtype=np.uint8).copy()
         if profile.embedding is not None:
             self.embedding[row] = (profile.embedding.copy(), profile.embedding_weight)
         journal = profile.journal
@@ -629,11 +648,24 @@ class ProfileTable:
         self.recent_item[target, slots] = items[room]
         self.recent_code[target, slots] = codes[room]
         np.maximum.at(self.n_recent, target, (slots + 1).astype(np.int16))
+        # What leaves full bags goes into their rows' filters of earlier items: the
+        # entries each round overwrites, and events older than every entry (never in).
+        left: list[tuple[np.ndarray, np.ndarray]] = []
+        if self.rules.seen_bytes and full.any():
+            written = np.concatenate([e for e, _ in writes]) if writes else np.zeros(0, int)
+            never = np.setdiff1d(np.flatnonzero(full), written)
+            left.append((rows[never], items[never]))
         for event_ids, slot in writes:  # in round order: later rounds overwrite
             target = rows[event_ids]
+            if self.rules.seen_bytes:
+                left.append((target, self.recent_item[target, slot].copy()))
             self.recent_ts[target, slot] = ts[event_ids]
             self.recent_item[target, slot] = items[event_ids]
             self.recent_code[target, slot] = codes[event_ids]
+        if left:
+            self._remember_earlier(
+                np.concatenate([r for r, _ in left]), np.concatenate([i for _, i in left])
+            )
         engaged = self._weights[codes] > 0  # a hide is never paired with anything
         self._update_context(rows[engaged], ts[engaged], items[engaged], alone[engaged])
         self._forget_context_past_the_bag(rows_done)
@@ -737,6 +769,31 @@ class ProfileTable:
             self.context_item[touched],
             self.items.names,
         )
+
+    def _remember_earlier(self, rows: np.ndarray, items: np.ndarray) -> None:
+        """Set the filter bits of ``items`` (vocabulary ids) in their ``rows``' filters
+        of earlier items (Profile.remember_earlier), creating filters as needed."""
+        if not len(rows):
+            return
+        known = len(self._seen_bits)
+        if known < len(self.items.names):  # bit positions of items new to the vocabulary
+            bits, names = self.rules.seen_bytes * 8, self.items.names
+            fresh = [seen_positions(names[i], bits) for i in range(known, len(names))]
+            self._seen_bits = np.concatenate(
+                [self._seen_bits, np.asarray(fresh, dtype=np.int64).reshape(-1, SEEN_HASHES)]
+            )
+        positions = self._seen_bits[items]  # (n, SEEN_HASHES)
+        order = np.argsort(rows, kind="stable")
+        rows, positions = rows[order], positions[order]
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        ends = np.r_[starts[1:], len(rows)]
+        size = self.rules.seen_bytes
+        for row, a, b in zip(rows[starts].tolist(), starts.tolist(), ends.tolist(), strict=True):
+            seen = self.seen.get(row)
+            if seen is None:
+                seen = self.seen[row] = np.zeros(size, dtype=np.uint8)
+            at = positions[a:b].ravel()
+            np.bitwise_or.at(seen, at >> 3, (1 << (at & 7)).astype(np.uint8))
 
     def _hide_items(self, rows, items, ts) -> None:
         names, limit = self.items.names, self.rules.hidden_n

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -362,14 +362,18 @@ def recommend(
     exclude_seen: bool = True,
     max_per_topic: int = 3,
 ) -> list[dict]:
-    """Ranked items with score and reason; seen/hidden removed; at most
-    ``max_per_topic`` items share a primary topic."""
+    """Ranked items with score and reason; seen (the recent actions and the items met
+    before them) and hidden removed; at most ``max_per_topic`` items share a primary
+    topic."""
     sources, evidence = candidate_scores(profile, catalog, signals, topic)
     hidden, seen = set(), set()
+    met_earlier = None  # items met before the recent actions (a filter): left out too
     if profile is not None:
         hidden.update(profile.hidden)
         if exclude_seen:
             seen.update(item for _, item, _ in profile.recent)
+            if profile.earlier is not None:
+                met_earlier = profile.saw_earlier
     # Blend in one pass: an item's score is the weighted sum over sources, its reason
     # the source that contributed most (the first such source on a tie).
     total: dict[str, float] = {}
@@ -396,6 +400,8 @@ def recommend(
         source = strongest[item][1]
         if item in hidden or item in seen or score <= 0:
             continue
+        if met_earlier is not None and met_earlier(item):
+            continue
         if restrict and item not in catalog.index:
             continue
         if topic and not catalog.has_topic(item, topic):
@@ -416,7 +422,9 @@ def recommend(
             break
     if len(results) < k and restrict:
         taken = {r["item_id"] for r in results} | hidden | seen
-        results += _newest_fill(catalog, k - len(results), taken, topic, per_topic, max_per_topic)
+        results += _newest_fill(
+            catalog, k - len(results), taken, topic, per_topic, max_per_topic, met_earlier
+        )
     return results
 
 
@@ -460,6 +468,7 @@ def _newest_fill(
     topic: str | None,
     per_topic: dict[str, int],
     max_per_topic: int,
+    met_earlier: Callable[[str], bool] | None = None,
 ) -> list[dict]:
     """When signals are thin (a new deployment), fill with the newest catalog items,
     within the same per-topic cap."""
@@ -467,6 +476,8 @@ def _newest_fill(
     for row in catalog.newest.tolist():
         item = catalog.ids[row]
         if item in exclude or (topic and topic not in catalog.topics[row]):
+            continue
+        if met_earlier is not None and met_earlier(item):
             continue
         primary = catalog.topics[row][0] if catalog.topics[row] else ""
         if primary and per_topic.get(primary, 0) >= max_per_topic:

@@ -71,6 +71,7 @@ def assert_same(table: ProfileTable, profiles: dict, rules) -> None:
         ), user
         assert got.recent == expected.recent, user
         assert got.hidden == expected.hidden, user
+        assert got.seen == expected.seen, user
         assert got.topics.keys() == expected.topics.keys(), user
         for topic, score in expected.topics.items():
             assert got.topics[topic] == pytest.approx(score, rel=1e-12, abs=1e-300), user
@@ -234,3 +235,31 @@ def test_least_recent_users_come_first():
     table.touch(["a"])
     assert table.least_recent(2) == ["b", "c"]
     assert table.least_recent(10) == ["b", "c", "d", "a"]
+
+
+def test_items_that_leave_the_recent_bag_are_remembered_as_met_earlier():
+    rules = ProfileRules.from_settings(ROOMY)  # 7 recent actions
+    table, profiles = ProfileTable(rules, capacity=4), {}
+    films = [f"film-{n}" for n in range(30)]
+    for seq, at in enumerate(range(0, 30, 3), start=1):  # three a batch, in time order
+        batch = [("u", films[n], "view", T + n, (), 1.0) for n in range(at, at + 3)]
+        if at < 15:  # v stays within 7
+            batch.append(("v", films[at], "click", T + at, (), 1.0))
+        table.apply(batch, seq, "j")
+        reference_apply(profiles, rules, batch, seq)
+    assert_same(table, profiles, rules)
+    view = table.view("u")
+    assert [item for _, item, _ in view.recent] == films[:-8:-1]  # the last 7
+    assert all(view.saw_earlier(film) for film in films[:23])
+    assert sum(view.saw_earlier(f"never-{n}") for n in range(1_000)) <= 5
+    assert table.view("v").earlier is None
+    # A late event older than a full bag never enters it: it is met earlier at once.
+    table.apply([("u", "old-film", "view", T - DAY, (), 1.0)], 99, "j")
+    assert table.view("u").saw_earlier("old-film")
+    # The filter is stored and read back, through both record forms.
+    record = codec.decode(table.encode(["u"])["u"])
+    again = ProfileTable(rules)
+    again.put_records([record])
+    assert again.view("u").earlier == table.view("u").earlier
+    listed = Profile.from_record(table.get("u").to_record(rules), rules)
+    assert listed.view(rules).earlier == table.view("u").earlier

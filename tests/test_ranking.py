@@ -156,3 +156,18 @@ def test_nearest_items_are_found_in_the_interest_embedding_and_in_the_model():
     found = nearest_items(view, trained, k=2)["model"]
     assert [i["item_id"] for i in found] == ["jazz-1", "rock-1"]
     assert found[0]["similarity"] == pytest.approx(1.0)
+
+
+def test_items_met_before_the_recent_actions_are_not_recommended_again():
+    from actors.profile import ProfileRules
+
+    rules = ProfileRules.from_settings(load_settings(recent_actions=2))
+    user = Profile("u", len(rules.actions))
+    events = [("u", item, "view", T + n, (), 1.0) for n, item in enumerate(["x", "a", "b"])]
+    apply_events(user, events, rules)  # x left the recent bag
+    view = user.view(rules)
+    assert [item for _, item, _ in view.recent] == ["b", "a"] and view.saw_earlier("x")
+    signals = Signals(graph={"b": {"x": 0.9, "c": 0.5}})
+    assert ids(recommend(view, CATALOG, signals, {"co": 1.0}, k=1)) == ["c"]
+    again = recommend(view, CATALOG, signals, {"co": 1.0}, k=1, exclude_seen=False)
+    assert ids(again) == ["x"]
