@@ -45,7 +45,7 @@ import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -300,13 +300,22 @@ class PersonaFleet:
         return {u: self._profiles.get(u) for u in users}
 
     def recommend(
-        self, users: Sequence[str], k: int, blend: Mapping[str, float] | None = None
+        self,
+        users: Sequence[str],
+        k: int,
+        blend: Mapping[str, float] | None = None,
+        ranking: Mapping | None = None,
     ) -> dict[str, list[str]]:
         """Each user's top ``k`` (seen items excluded), as served: by the user's
-        experiment variant, or with ``blend`` for every user (tuning)."""
-        from serving.ranking import recommend
+        experiment variant, or with ``blend`` for every user (tuning); with a blend,
+        ``ranking`` overrides ranking settings (``seed_*``, ``max_per_topic``)."""
+        from serving.ranking import Seeds, recommend
 
         profiles = self.profiles(users)
+        seeds, max_per_topic = self.core.seeds, self.settings.max_per_topic
+        if ranking:
+            tuned = replace(self.settings, **ranking)
+            seeds, max_per_topic = Seeds.from_settings(tuned), tuned.max_per_topic
         result = {}
         for user in users:
             if blend is None:
@@ -319,7 +328,8 @@ class PersonaFleet:
                     blend,
                     k=k,
                     exclude_seen=True,
-                    max_per_topic=self.settings.max_per_topic,
+                    max_per_topic=max_per_topic,
+                    seeds=seeds,
                 )
             result[user] = [i["item_id"] for i in items]
         return result
@@ -399,6 +409,113 @@ def tune_blend(
     return {s: w for s, w in blend.items() if w > 0}, best
 
 
+# --- tuning across horizons ---
+# When the user comes back is not known, so ranking settings are chosen for the worst
+# ratio to item-kNN over validation splits carved at several horizons: the last 1, 5
+# and 10 events, and the last 20%, of each user's training part.
+TUNE_HORIZONS = (1.0, 5.0, 10.0, 0.2)
+# Ranking settings (persona/settings.py) and the blend's model weight ("blend:model").
+RANKING_GRID: dict[str, tuple] = {
+    "seed_items": (10, 20, 30, 50),
+    "seed_recency": (0.6, 0.7, 0.8, 0.9),
+    "seed_model_recency": (0.6, 0.8, 0.9, 1.0),
+    "max_per_topic": (5, 8, 12),
+    "blend:model": (0.1, 0.2, 0.3, 0.5),
+}
+
+
+def tune_worst_ratio(
+    recalls: Callable[[dict], Mapping[float, float]],
+    baseline: Mapping[float, float],
+    grid: Mapping[str, Sequence],
+    start: Mapping,
+    rounds: int = 2,
+) -> tuple[dict, float]:
+    """Coordinate ascent over ``grid`` maximising the worst ratio, over horizons, of
+    ``recalls(params)[h]`` to ``baseline[h]``; a change is kept only when it raises
+    that worst ratio. Returns the parameters and their worst ratio."""
+
+    def worst(params: Mapping) -> float:
+        measured = recalls(dict(params))
+        return min(measured[h] / max(baseline[h], 1e-12) for h in baseline)
+
+    params = dict(start)
+    best = worst(params)
+    for _ in range(rounds):
+        improved = False
+        for name, values in grid.items():
+            for value in values:
+                if value == params.get(name):
+                    continue
+                trial = {**params, name: value}
+                value_worst = worst(trial)
+                if value_worst > best + 1e-9:
+                    params, best, improved = trial, value_worst, True
+        if not improved:
+            break
+    return params, best
+
+
+def split_tuned(params: Mapping) -> tuple[dict[str, float], dict]:
+    """Tuned parameters as (the blend's overrides, ranking settings)."""
+    blend = {k.split(":", 1)[1]: float(v) for k, v in params.items() if k.startswith("blend:")}
+    return blend, {k: v for k, v in params.items() if not k.startswith("blend:")}
+
+
+def _tune_horizons(
+    train: list[dict],
+    horizons: Sequence[float],
+    dataset: Dataset,
+    settings: Settings,
+    catalog_size: int,
+    blend: Mapping[str, float],
+    seed: int,
+    log: Callable[[str], None],
+) -> dict:
+    """Validation splits carved from ``train`` at each horizon, a fleet and a trained
+    model on each; the ranking settings and model weight with the best worst ratio to
+    item-kNN across them, starting from the defaults."""
+    fleets: dict[float, tuple[PersonaFleet, Split]] = {}
+    knn: dict[float, float] = {}
+    try:
+        for horizon in horizons:
+            valid = split(train, horizon, dataset.is_relevant)
+            fleet = PersonaFleet(_private_settings(settings), dataset, valid.train)
+            fleets[horizon] = (fleet, valid)
+            fleet.train_model(valid.train, seed)
+            users = sorted(valid.relevant)
+            ranked = item_knn(valid.train, users, valid.seen, 10)
+            knn[horizon] = score(ranked, valid.relevant, catalog_size, (10,))["recall@10"]
+            log(f"horizon {horizon:g}: {len(users)} validation users, item-kNN {knn[horizon]:.4f}")
+
+        def recalls(params: dict) -> dict[float, float]:
+            overrides, ranking = split_tuned(params)
+            result = {}
+            for horizon, (fleet, valid) in fleets.items():
+                ranked = fleet.recommend(
+                    sorted(valid.relevant), 10, {**blend, **overrides}, ranking
+                )
+                result[horizon] = score(ranked, valid.relevant, catalog_size, (10,))["recall@10"]
+            return result
+
+        start = {name: getattr(settings, name) for name in RANKING_GRID if ":" not in name}
+        start["blend:model"] = float(blend.get("model", 0.0))
+        default = recalls(start)
+        params, worst = tune_worst_ratio(recalls, knn, RANKING_GRID, start)
+        tuned = recalls(params)
+    finally:
+        for fleet, _ in fleets.values():
+            fleet.close()
+    return {
+        "chosen": params,
+        "worst_ratio": worst,
+        "item_knn": knn,
+        "default": default,
+        "tuned": tuned,
+        "default_worst_ratio": min(default[h] / max(knn[h], 1e-12) for h in knn),
+    }
+
+
 # --- the run ---
 def _shift_to_now(events: list[dict]) -> list[dict]:
     """The log moved in time so that it ends a minute ago (order and gaps kept)."""
@@ -448,6 +565,7 @@ def evaluate(
     holdout: float,
     users: int | None = None,
     tune: bool = False,
+    tune_horizons: Sequence[float] = (),
     http: bool = False,
     http_port: int | None = None,
     baselines: Sequence[str] = ("popularity", "item-knn", "als"),
@@ -477,6 +595,18 @@ def evaluate(
                 validation_users=len(valid.relevant),
                 chosen={"blend": blend, "als_factors": factors},
             )
+        ranking = None
+        if tune_horizons:
+            start = blend or _default_blend(base)
+            tuned = _tune_horizons(
+                test.train, tune_horizons, dataset, base, catalog_size, start, seed, log
+            )
+            overrides, ranking = split_tuned(tuned["chosen"])
+            blend = {**start, **overrides}
+            log(f"chosen across horizons: {tuned['chosen']} (worst {tuned['worst_ratio']:.3f}x)")
+            result["horizons"] = tuned
+            result.setdefault("chosen", {})["ranking"] = ranking
+            result["chosen"]["blend"] = blend
         test = _sample(test, users, seed)
         log(f"test: {len(test.train):,} training events, {len(test.relevant)} users")
         table = {}
@@ -487,7 +617,7 @@ def evaluate(
             log(f"trained and switched to {result['model']['version']}")
             table["persona"] = _score_persona(fleet, test, catalog_size)
             if blend is not None:
-                table["persona-tuned"] = _score_persona(fleet, test, catalog_size, blend)
+                table["persona-tuned"] = _score_persona(fleet, test, catalog_size, blend, ranking)
             if http:
                 ranked = fleet.recommend_over_http(sorted(test.relevant), max(KS), http_port)
                 table["persona-http"] = score(ranked, test.relevant, catalog_size)
@@ -546,10 +676,19 @@ def _tune(
 
 
 def _score_persona(
-    fleet: PersonaFleet, data: Split, catalog_size: int, blend: dict | None = None
+    fleet: PersonaFleet,
+    data: Split,
+    catalog_size: int,
+    blend: dict | None = None,
+    ranking: Mapping | None = None,
 ) -> dict[str, float]:
-    ranked = fleet.recommend(sorted(data.relevant), max(KS), blend)
+    ranked = fleet.recommend(sorted(data.relevant), max(KS), blend, ranking)
     return score(ranked, data.relevant, catalog_size)
+
+
+def _default_blend(settings: Settings) -> dict[str, float]:
+    """The blend of the first experiment variant (the one tuning starts from)."""
+    return dict(next(iter(settings.experiments.values()))["blend"])
 
 
 def _sample(data: Split, users: int | None, seed: int) -> Split:
@@ -618,6 +757,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--users", type=int, help="evaluate a seeded sample of this many users")
     parser.add_argument("--tune", action="store_true", help="choose the blend on validation data")
+    parser.add_argument(
+        "--tune-horizons",
+        nargs="?",
+        const=",".join(f"{h:g}" for h in TUNE_HORIZONS),
+        help="choose ranking settings (seed_*, max_per_topic, the model weight) for the "
+        "worst ratio to item-kNN over validation splits at these holdouts (default "
+        + ",".join(f"{h:g}" for h in TUNE_HORIZONS)
+        + "); persona-tuned uses them",
+    )
     parser.add_argument("--http", action="store_true", help="also ask a Serve app over HTTP")
     parser.add_argument(
         "--no-als", action="store_true", help="leave out the ALS baseline (needs `implicit`)"
@@ -653,11 +801,25 @@ def run(args: argparse.Namespace) -> int:
         holdout=holdout,
         users=args.users,
         tune=args.tune,
+        tune_horizons=[float(h) for h in args.tune_horizons.split(",")]
+        if args.tune_horizons
+        else (),
         http=args.http,
         baselines=baselines,
         settings=settings,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
+    if "horizons" in result:
+        tuned = result["horizons"]
+        print("\nvalidation across horizons (Recall@10; ratio to item-kNN)")
+        for horizon, knn in tuned["item_knn"].items():
+            default, chosen = tuned["default"][horizon], tuned["tuned"][horizon]
+            print(
+                f"holdout {horizon:g}: item-kNN {knn:.4f}, defaults {default:.4f} "
+                f"({default / max(knn, 1e-12):.3f}x), tuned {chosen:.4f} "
+                f"({chosen / max(knn, 1e-12):.3f}x)"
+            )
+        print(f"chosen: {tuned['chosen']}")
     for part in ("validation", "test"):
         if part in result:
             print(f"\n{part} ({result.get(part + '_users', result['users_evaluated'])} users)")

@@ -120,9 +120,24 @@ class Settings:
     co_engagement_window_s: float = 2 * 86_400.0
 
     # --- recommendations ---
+    # How the recent sequence seeds the ``co`` and ``model`` sources (serving/ranking.py,
+    # Seeds): the seed_items latest distinct engagements (at most recent_actions), the
+    # n-th most recent weighing seed_recency**n (seed_model_recency**n in the model's
+    # user vector). When a user comes back is not known, so these, max_per_topic and
+    # the model weight below were chosen for the worst ratio to item-kNN over
+    # MovieLens validation splits carved at horizons of 1, 5 and 10 ratings and 20% of
+    # each user's history (`persona evaluate --tune-horizons`, bench/RESULTS.md): a
+    # 0.8 decay (model weight 0.3) was best one to five ratings ahead and worst 20%
+    # ahead (1.06x); 0.9 with the model at 0.5 gave up 1-4% at short horizons and
+    # raised the worst ratio to 1.10x.
+    seed_items: int = 20
+    seed_recency: float = 0.9
+    seed_model_recency: float = 0.8
     # At most this many items of one primary topic in a list: on MovieLens (18 genres,
-    # most films Drama or Comedy first) 3 in ten cost 7% of validation Recall@10, 5 none.
-    max_per_topic: int = 5
+    # most films Drama or Comedy first) 3 in ten cost 7% of validation Recall@10, and 8
+    # gained 1-3% over 5 at horizons of 5 and 10 ratings; the horizon tuning chose 12,
+    # within noise of 8, which keeps a list of ten from being one genre.
+    max_per_topic: int = 8
     catalog_refresh_s: float = 30.0
     # The item-embedding model (`persona train`, jobs/train_embeddings.py): implicit
     # ALS with these factors, regularization, confidence scale and sweeps. Chosen on
@@ -139,16 +154,16 @@ class Settings:
     # resembles the user's hides). Chosen on validation splits (`persona evaluate
     # --tune`, never the test split): on MovieLens co-engagement ranked best, the
     # trained model's neighbours added 1-3% of Recall@10 at any weight from 0.1 to 1
-    # (0.3 chosen), and popular/trending took recall away from users with
-    # neighbours, so they are kept small: they serve users without neighbours and
-    # cold start. On generated data topics added a little.
+    # (0.5: the horizon tuning's choice, worth most 20% ahead), and popular/trending
+    # took recall away from users with neighbours, so they are kept small: they serve
+    # users without neighbours and cold start. On generated data topics added a little.
     experiments: dict = field(
         default_factory=lambda: {
             "control": {
                 "share": 50,
                 "blend": {
                     "co": 1.0,
-                    "model": 0.3,
+                    "model": 0.5,
                     "topic": 0.05,
                     "popular": 0.01,
                     "trending": 0.005,
@@ -156,7 +171,7 @@ class Settings:
             },
             "sequence-heavy": {
                 "share": 50,
-                "blend": {"co": 1.0, "model": 0.3, "popular": 0.01, "trending": 0.005},
+                "blend": {"co": 1.0, "model": 0.5, "popular": 0.01, "trending": 0.005},
             },
         }
     )

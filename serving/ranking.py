@@ -2,9 +2,9 @@
 
 Candidate sources, each scored in [0, 1] within its own source:
 - ``co``:        items similar (cosine of co-engagement counts) to the user's recent
-                 engagements, summed over up to RECENT_FOR_CO of them, the most recent
-                 weighing most (the real-time sequence: the strongest signal a profile
-                 has);
+                 engagements, summed over the latest of them with weights that fade
+                 with each step back (``Seeds``; the real-time sequence: the strongest
+                 signal a profile has);
 - ``topic``:     trending items of the user's top topics;
 - ``embedding``: items nearest to the user's interest vector;
 - ``trending``:  global trending (the cold-start source);
@@ -24,20 +24,41 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from actors.profile import HIDE, ProfileView
+from persona.settings import Settings
 
-# Distinct recent engagements whose neighbours are candidates, and how much less each
-# older one counts than the one after it. On MovieLens validation data, summing the
-# similarities of the last 10-20 engagements with a decay of 0.7-0.8 beat both the
-# last three and an unweighted sum (bench/RESULTS.md).
-RECENT_FOR_CO = 20
-CO_RECENCY = 0.8
 TOPICS_FOR_CANDIDATES = 5
 PER_SOURCE = 200
 SOURCES = ("co", "topic", "embedding", "trending", "popular", "model")
-# The model source: the user is the recency-weighted sum of the unit vectors of the
-# same recent engagements as ``co`` (each step back weighing this much less), and the
-# candidates are the items nearest to it in the serving model version.
-MODEL_RECENCY = 0.8
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """How a user's recent engagements seed the ``co`` and ``model`` sources: the
+    ``items`` latest distinct engagements, the n-th most recent weighing ``recency**n``
+    (settings ``seed_*``; the values and why: persona/settings.py). ``co`` adds up each
+    seed's neighbours with these weights; ``model``'s user is the sum of the seeds'
+    vectors weighted ``model_recency**n``."""
+
+    items: int
+    recency: float
+    model_recency: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Seeds:
+        return cls(
+            items=settings.seed_items,
+            recency=settings.seed_recency,
+            model_recency=settings.seed_model_recency,
+        )
+
+    def weights(self, count: int) -> np.ndarray:
+        return self.recency ** np.arange(count, dtype=np.float64)
+
+    def model_weights(self, count: int) -> np.ndarray:
+        return self.model_recency ** np.arange(count, dtype=np.float64)
+
+
+DEFAULT_SEEDS = Seeds.from_settings(Settings())
 
 
 @dataclass
@@ -210,7 +231,11 @@ def _normalise(scores: dict[str, float]) -> dict[str, float]:
 
 
 def candidate_scores(
-    profile: ProfileView | None, catalog: Catalog, signals: Signals, topic: str | None
+    profile: ProfileView | None,
+    catalog: Catalog,
+    signals: Signals,
+    topic: str | None,
+    seeds: Seeds = DEFAULT_SEEDS,
 ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
     """Per-source normalised scores (``hidden`` among them: what to take away), and the
     evidence behind each co/topic candidate."""
@@ -218,12 +243,19 @@ def candidate_scores(
     evidence: dict[str, str] = {}
     if profile is not None:
         recent = profile.recent  # newest first
-        engaged = _latest_distinct(item for _, item, action in recent if action != HIDE)
-        evidence.update(_similar_to(engaged, signals.graph, sources["co"], "co"))
+        engaged = _latest_distinct(
+            (item for _, item, action in recent if action != HIDE), seeds.items
+        )
+        weights = seeds.weights(len(engaged))
+        evidence.update(_similar_to(engaged, weights, signals.graph, sources["co"], "co"))
         if catalog.model_version:
-            sources["model"] = _nearest_in_model(engaged, catalog)
-        hidden = _latest_distinct(item for _, item, action in recent if action == HIDE)
-        _similar_to(hidden, signals.graph, sources["hidden"], "hidden")
+            sources["model"] = _nearest_in_model(
+                engaged, seeds.model_weights(len(engaged)), catalog
+            )
+        hidden = _latest_distinct(
+            (item for _, item, action in recent if action == HIDE), seeds.items
+        )
+        _similar_to(hidden, seeds.weights(len(hidden)), signals.graph, sources["hidden"], "hidden")
         interests = [(t, s) for t, s in profile.topics if s > 0][:TOPICS_FOR_CANDIDATES]
         if interests:
             strongest = interests[0][1]
@@ -257,21 +289,23 @@ def candidate_scores(
     return {name: _normalise(scores) for name, scores in sources.items()}, evidence
 
 
-def _latest_distinct(items: Iterable[str]) -> list[str]:
-    """The first RECENT_FOR_CO distinct items (the most recent first)."""
+def _latest_distinct(items: Iterable[str], count: int) -> list[str]:
+    """The first ``count`` distinct items (the most recent first)."""
     chosen: dict[str, None] = {}
     for item in items:
-        chosen.setdefault(item)
-        if len(chosen) >= RECENT_FOR_CO:
+        if len(chosen) >= count:
             break
+        chosen.setdefault(item)
     return list(chosen)
 
 
-def _nearest_in_model(engaged: list[str], catalog: Catalog) -> dict[str, float]:
+def _nearest_in_model(
+    engaged: list[str], weights: np.ndarray, catalog: Catalog
+) -> dict[str, float]:
     """The PER_SOURCE items nearest to the user's recent engagements in the model,
     scored min-max within them: the top cosines lie close together (0.6-0.9 on
     MovieLens), and stretched to [0, 1] the blend sees their order, not their level."""
-    user = _model_user(engaged, catalog)
+    user = _model_user(engaged, weights, catalog)
     if user is None:
         return {}
     similarity = catalog.model_vectors @ user
@@ -284,18 +318,22 @@ def _nearest_in_model(engaged: list[str], catalog: Catalog) -> dict[str, float]:
     return {ids[row]: float(v) for row, v in zip(best.tolist(), scaled.tolist(), strict=True)}
 
 
-def _model_user(engaged: list[str], catalog: Catalog) -> np.ndarray | None:
-    """The user in the serving model: the recency-weighted sum of the recent engagements'
-    vectors, as a unit vector (None when the model knows none of them)."""
-    rows = [catalog.index[item] for item in engaged if item in catalog.index]
-    if not rows or not catalog.model_version:
+def _model_user(engaged: list[str], weights: np.ndarray, catalog: Catalog) -> np.ndarray | None:
+    """The user in the serving model: the weighted sum of the recent engagements'
+    vectors (``weights``, one per engagement), as a unit vector (None when the model
+    knows none of them)."""
+    known = [(catalog.index[item], n) for n, item in enumerate(engaged) if item in catalog.index]
+    if not known or not catalog.model_version:
         return None
-    user = (MODEL_RECENCY ** np.arange(len(rows), dtype=np.float32)) @ catalog.model_vectors[rows]
+    rows, at = zip(*known, strict=True)
+    user = np.asarray(weights, dtype=np.float32)[list(at)] @ catalog.model_vectors[list(rows)]
     norm = float(np.linalg.norm(user))
     return user / norm if norm > 0 else None
 
 
-def nearest_items(profile: ProfileView, catalog: Catalog, k: int = 10) -> dict[str, list[dict]]:
+def nearest_items(
+    profile: ProfileView, catalog: Catalog, k: int = 10, seeds: Seeds = DEFAULT_SEEDS
+) -> dict[str, list[dict]]:
     """The ``k`` items nearest to a user in each embedding space ranking uses, best first
     with their cosine similarity: ``embedding``, the profile's interest vector among the
     catalog's item embeddings; ``model``, the recent engagements in the serving model (the
@@ -308,8 +346,10 @@ def nearest_items(profile: ProfileView, catalog: Catalog, k: int = 10) -> dict[s
         if norm > 0:
             rows, similarity = catalog.nearest(user / norm, k)
             found["embedding"] = _ranked_rows(catalog, rows, similarity)
-    engaged = _latest_distinct(item for _, item, action in profile.recent if action != HIDE)
-    model_user = _model_user(engaged, catalog)
+    engaged = _latest_distinct(
+        (item for _, item, action in profile.recent if action != HIDE), seeds.items
+    )
+    model_user = _model_user(engaged, seeds.model_weights(len(engaged)), catalog)
     if model_user is not None:
         similarity = catalog.model_vectors @ model_user
         take = min(k, len(similarity))
@@ -331,17 +371,20 @@ def _ranked_rows(catalog: Catalog, rows: np.ndarray, similarity: np.ndarray) -> 
 
 
 def _similar_to(
-    anchors: list[str], graph: Mapping[str, Mapping[str, float]], into: dict, name: str
+    anchors: list[str],
+    weights: Sequence[float],
+    graph: Mapping[str, Mapping[str, float]],
+    into: dict,
+    name: str,
 ) -> dict[str, str]:
     """Add up each anchor's similarities into ``into``, the n-th anchor weighing
-    CO_RECENCY**n; returns the anchor that contributed most to each candidate."""
+    ``weights[n]``; returns the anchor that contributed most to each candidate."""
     evidence: dict[str, str] = {}
     best: dict[str, float] = {}
-    for position, anchor in enumerate(anchors):
+    for anchor, recency in zip(anchors, np.asarray(weights).tolist(), strict=True):
         neighbours = graph.get(anchor)
         if not neighbours:
             continue
-        recency = CO_RECENCY**position
         for other, similarity in neighbours.items():
             value = recency * similarity
             into[other] = into.get(other, 0.0) + value
@@ -361,11 +404,13 @@ def recommend(
     topic: str | None = None,
     exclude_seen: bool = True,
     max_per_topic: int = 3,
+    seeds: Seeds = DEFAULT_SEEDS,
 ) -> list[dict]:
     """Ranked items with score and reason; seen (the recent actions and the items met
-    before them) and hidden removed; at most ``max_per_topic`` items share a primary
-    topic."""
-    sources, evidence = candidate_scores(profile, catalog, signals, topic)
+    before them) and hidden removed; at most
+    ``max_per_topic`` items share a primary topic; ``seeds``: how the recent sequence
+    seeds ``co`` and ``model``."""
+    sources, evidence = candidate_scores(profile, catalog, signals, topic, seeds)
     hidden, seen = set(), set()
     met_earlier = None  # items met before the recent actions (a filter): left out too
     if profile is not None:

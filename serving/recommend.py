@@ -28,7 +28,7 @@ from actors.profile import ProfileView
 from persona.settings import Settings
 from serving import experiments
 from serving.exposures import ExposureLog
-from serving.ranking import Catalog, Signals, recommend
+from serving.ranking import Catalog, Seeds, Signals, recommend
 from storage import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class RecommenderCore:
         self.catalog_loaded_at = 0.0
         self.signals_loaded_at = 0.0
         self.model: item_model.ItemEmbeddings | None = None
+        self.seeds = Seeds.from_settings(settings)
         # PERSONA_EXPERIMENTS until the store's experiment log is read (load_experiment).
         self.experiment = experiments.from_settings(settings.experiments)
         # Exposures of the responses, when this core serves an API (the Ingress).
@@ -155,6 +156,7 @@ class RecommenderCore:
             topic=topic,
             exclude_seen=exclude_seen,
             max_per_topic=self.settings.max_per_topic,
+            seeds=self.seeds,
         )
         rec_id = uuid.uuid4().hex
         if self.exposures is not None:

@@ -21,7 +21,9 @@ from jobs.evaluate import (
     recall_at,
     score,
     split,
+    split_tuned,
     tune_blend,
+    tune_worst_ratio,
 )
 from persona.errors import ConfigError
 
@@ -189,6 +191,23 @@ def test_blend_tuning_keeps_only_changes_that_improve_the_validation_metric():
     assert blend == {"co": 1.0, "popular": 0.2} and best == pytest.approx(0.0)
 
 
+def test_horizon_tuning_maximises_the_worst_ratio_to_the_baseline_not_the_mean():
+    baseline = {1: 0.2, 10: 0.1}
+
+    def recalls(params):  # a long seed list helps the long horizon, hurts the short one
+        n = params["seed_items"]
+        return {1: 0.3 - 0.002 * n, 10: 0.1 + 0.001 * n}
+
+    grid = {"seed_items": (10, 20, 40, 80)}
+    params, worst = tune_worst_ratio(recalls, baseline, grid, {"seed_items": 10})
+    # worst ratios: 10 -> 1.10, 20 -> 1.20, 40 -> 1.10, 80 -> 0.70 (the mean prefers 80)
+    assert params == {"seed_items": 20} and worst == pytest.approx(1.2)
+    assert split_tuned({"seed_items": 20, "blend:model": 0.2}) == (
+        {"model": 0.2},
+        {"seed_items": 20},
+    )
+
+
 # --- a whole run ---
 def test_a_run_goes_through_the_shards_the_recommender_and_http(ray_session, tmp_path):
     from jobs.generate import generate
@@ -201,6 +220,7 @@ def test_a_run_goes_through_the_shards_the_recommender_and_http(ray_session, tmp
         data,
         holdout=0.2,
         tune=True,
+        tune_horizons=(1.0, 0.2),
         http=True,
         http_port=SERVE_PORT,
         settings=load_settings(data_dir=str(tmp_path), partitions=16),
@@ -224,6 +244,11 @@ def test_a_run_goes_through_the_shards_the_recommender_and_http(ray_session, tmp
     assert "persona-before" in validation
     assert result["chosen"]["blend"]["co"] == 1.0
     assert 0 < test["persona"]["coverage@20"] <= 1
+    # Ranking settings chosen for the worst ratio to item-kNN over both horizons.
+    horizons = result["horizons"]
+    assert set(horizons["item_knn"]) == set(horizons["tuned"]) == {1.0, 0.2}
+    assert horizons["worst_ratio"] >= horizons["default_worst_ratio"]
+    assert set(result["chosen"]["ranking"]) <= set(load_settings().__dataclass_fields__)
 
 
 @pytest.mark.parametrize("items", [3, 10, 1000])

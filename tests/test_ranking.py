@@ -7,8 +7,9 @@ import pytest
 from actors.profile import Profile, ProfileRules, ProfileView, apply_events
 from persona.settings import load_settings
 from serving.ranking import (
-    CO_RECENCY,
+    DEFAULT_SEEDS,
     Catalog,
+    Seeds,
     Signals,
     cosine_graph,
     nearest_items,
@@ -61,7 +62,8 @@ def test_similarities_add_up_over_the_recent_sequence_the_latest_weighing_most()
     ranked = recommend(profile(("a", "view"), ("b", "save")), CATALOG, signals, {"co": 1.0}, k=2)
     assert ids(ranked) == ["x", "c"]
     assert ranked[0]["score"] == pytest.approx(1.0)  # normalised within the source
-    assert ranked[1]["score"] == pytest.approx(CO_RECENCY * 0.6 / (0.5 + CO_RECENCY * 0.5))
+    latest, before = DEFAULT_SEEDS.weights(2)
+    assert ranked[1]["score"] == pytest.approx(before * 0.6 / (latest * 0.5 + before * 0.5))
 
 
 def test_what_resembles_a_hidden_item_is_pushed_down():
@@ -156,6 +158,30 @@ def test_nearest_items_are_found_in_the_interest_embedding_and_in_the_model():
     found = nearest_items(view, trained, k=2)["model"]
     assert [i["item_id"] for i in found] == ["jazz-1", "rock-1"]
     assert found[0]["similarity"] == pytest.approx(1.0)
+
+
+def test_seed_weights_fade_with_each_step_back():
+    seeds = Seeds(items=3, recency=0.5, model_recency=1.0)
+    assert seeds.weights(3).tolist() == pytest.approx([1.0, 0.5, 0.25])
+    assert seeds.model_weights(2).tolist() == [1.0, 1.0]
+    assert seeds.weights(0).tolist() == []
+    settings = load_settings(seed_items=7, seed_recency=0.6)
+    assert Seeds.from_settings(settings) == Seeds(7, 0.6, settings.seed_model_recency)
+
+
+def test_only_the_latest_seed_items_seed_candidates_each_weighing_less_than_the_next():
+    graph = {"a": {"x": 1.0}, "b": {"c": 1.0}, "film": {"pop": 1.0}}
+    signals = Signals(graph=graph)
+    user = profile(("a", "view"), ("b", "view"), ("film", "view"))  # film is the latest
+
+    def scored(recency: float, items: int = 3) -> dict[str, float]:
+        seeds = Seeds(items, recency, model_recency=0.5)
+        ranked = recommend(user, CATALOG, signals, {"co": 1.0}, seeds=seeds)
+        return {i["item_id"]: i["score"] for i in ranked if i["score"] > 0}  # not the fill
+
+    assert scored(0.5, items=1) == {"pop": 1.0}
+    assert scored(0.5) == pytest.approx({"pop": 1.0, "c": 0.5, "x": 0.25})
+    assert scored(1.0) == pytest.approx({"pop": 1.0, "c": 1.0, "x": 1.0})
 
 
 def test_items_met_before_the_recent_actions_are_not_recommended_again():
