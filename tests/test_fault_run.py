@@ -46,6 +46,7 @@ from actors.profile import ProfileRules
 from persona.settings import PROJECT_ROOT, load_settings
 from serving.views import profile_view
 from storage.cassandra_local import LocalNode
+from tests.load import PostingThreads
 from tests.ray_heads import START_API, Head, free_port
 from tests.test_shards import make_batch, reference_profiles
 
@@ -139,38 +140,17 @@ SCALE_OUT_AND_IN = textwrap.dedent(
 )
 
 
-class Posters:
+class Posters(PostingThreads):
     """HTTP clients posting batches of old events, each retried with its own key until
     acknowledged. Remembers every acknowledged batch, every status and every timeout."""
 
     def __init__(self, base_url: str):
+        super().__init__(POSTERS, BATCH_DEADLINE_S)
         self.base_url = base_url
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.acked: list[list[dict]] = []
         self.statuses: Counter = Counter()
         self.timeouts = 0
         self.landed = 0  # retries that found their batch applied by an earlier attempt
         self.resent_by_ray = 0  # first attempts that found part of their batch applied
-        self.problems: list[str] = []
-        self.threads = [
-            threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(POSTERS)
-        ]
-
-    def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
-
-    def finish(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(BATCH_DEADLINE_S + 30)
-            if thread.is_alive():
-                self.problems.append(f"{thread.name} did not finish its last batch")
-
-    def acknowledged(self) -> int:
-        with self.lock:
-            return len(self.acked)
 
     def wait_for(self, more: int, timeout_s: float = 120.0) -> None:
         """Until ``more`` further batches are acknowledged: traffic goes through each fault."""

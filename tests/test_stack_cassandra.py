@@ -22,7 +22,6 @@ import contextlib
 import json
 import random
 import subprocess
-import threading
 import time
 import uuid
 from collections import Counter
@@ -38,6 +37,7 @@ from persona.settings import load_settings
 from storage import codec
 from storage.cassandra_local import LocalNode
 from tests.conftest import require_cassandra
+from tests.load import PostingThreads
 from tests.ray_heads import free_port, persona, stack_env
 from tests.test_fault_run import read_profiles
 from tests.test_shards import NOW, make_batch, reference_profiles
@@ -110,36 +110,15 @@ def shard_loads(assignments: dict[int, tuple[str, int]]) -> dict[str, int]:
     return dict(Counter(owner for owner, _epoch in assignments.values()))
 
 
-class Load:
+class Load(PostingThreads):
     """HTTP clients posting batches of events, each retried under its own key until it
     is acknowledged; every answer that was not 200 is kept with its error code."""
 
     def __init__(self, api: str):
+        super().__init__(POSTERS, BATCH_DEADLINE_S)
         self.api = api
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.acked: list[list[dict]] = []
         self.refusals: Counter = Counter()  # (status, error code) of every answer but 200
         self.dropped = 0  # attempts without an answer (client timeout, dropped connection)
-        self.problems: list[str] = []
-        self.threads = [
-            threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(POSTERS)
-        ]
-
-    def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
-
-    def finish(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(BATCH_DEADLINE_S + 30)
-            if thread.is_alive():
-                self.problems.append(f"{thread.name} did not finish its last batch")
-
-    def acknowledged(self) -> int:
-        with self.lock:
-            return len(self.acked)
 
     def wait_for(self, more: int, timeout_s: float = 120.0) -> None:
         """Until ``more`` further batches are acknowledged (traffic flows)."""
