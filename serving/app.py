@@ -43,11 +43,15 @@ from serving.exposures import ExposureLog
 from serving.metrics import EventMetrics, ExposureMetrics, RequestMetrics
 from serving.recommend import RecommenderCore
 from serving.views import (
+    MAX_LOOKUP_IDS,
     ApiError,
     BodyLimits,
     decode_json,
     decode_msgpack_records,
     error_body,
+    lookup_ids,
+    lookup_profiles,
+    lookup_view,
     profile_view,
 )
 from storage import open_store
@@ -148,6 +152,7 @@ async def _unexpected(_request: Request, _exc: Exception) -> JSONResponse:
 # would make one series per id).
 ENDPOINTS = {
     "get_profile": "profile",
+    "lookup_profiles": "profiles_lookup",
     "get_recommendations": "recommendations",
     "post_events": "events",
     "delete_user": "delete",
@@ -217,6 +222,7 @@ class Ingress(console.ConsoleReads, experiment_routes.ExperimentRoutes):
         self.item_limits = BodyLimits(
             self.settings.max_items_per_request, MAX_EMBEDDING_DIM + 2 * MAX_TOPICS, "items"
         )
+        self.lookup_limits = BodyLimits(MAX_LOOKUP_IDS, 1, "user ids")
 
     def __del__(self) -> None:
         # Serve calls this when it stops the replica (serve.ingress's wrapper, after the
@@ -315,6 +321,41 @@ class Ingress(console.ConsoleReads, experiment_routes.ExperimentRoutes):
         # A Response skips FastAPI's re-validation of the output through the
         # response model (the model still documents it): the hottest route's biggest cost.
         return JSONResponse(profile_view(record, self.rules, time.time()))
+
+    @api.post(
+        "/v1/profiles:batchGet",
+        response_model=schemas.LookupOut,
+        responses={
+            **ERRORS,
+            413: {"model": schemas.ErrorBody, "description": "body or id count too large"},
+            415: {"model": schemas.ErrorBody, "description": "not JSON"},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": schemas.LookupIn.model_json_schema()}},
+            }
+        },
+        tags=["profiles"],
+        summary="Batch get profiles",
+        description=f"Up to {MAX_LOOKUP_IDS:,} users' profiles in one request, read from "
+        "each shard in one call. Users without a profile (never seen, deleted) are listed "
+        "in `missing`, not an error.",
+    )
+    async def lookup_profiles(
+        self, request: Request, authorization: str | None = Header(None)
+    ) -> JSONResponse:
+        self.tokens.authorize(authorization, self.read_role)
+        try:
+            body = await self._read_body(request, JSON_TYPES, self.lookup_limits)
+        except ApiError as exc:
+            if exc.code != "too_many_values":
+                raise
+            raise ApiError(
+                413, "too_many_ids", f"at most {MAX_LOOKUP_IDS} user ids per request"
+            ) from None
+        found = await lookup_profiles(self.fleet, lookup_ids(body))
+        return JSONResponse(lookup_view(found, self.rules, time.time()))
 
     @api.get(
         "/v1/users/{user_id}/recommendations",

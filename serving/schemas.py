@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from serving.views import MAX_LOOKUP_IDS
+
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="machine-readable error code")
@@ -62,6 +64,22 @@ class ProfileOut(BaseModel):
     recent_actions: list[RecentAction]
     hidden_items: list[str]
     has_embedding: bool
+
+
+class LookupIn(BaseModel):
+    user_ids: list[str] = Field(
+        max_length=MAX_LOOKUP_IDS,
+        description=f"the users to read, at most {MAX_LOOKUP_IDS:,}; duplicates are answered once",
+    )
+
+
+class LookupOut(BaseModel):
+    profiles: list[ProfileOut] = Field(
+        description="the profiles found, in the order their ids were first asked for"
+    )
+    missing: list[str] = Field(
+        description="ids that hold no profile: never seen, or deleted (not an error)"
+    )
 
 
 class Recommendation(BaseModel):

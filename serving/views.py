@@ -1,19 +1,26 @@
-"""What the API shows and what it reads: the JSON view of a profile, the error body and
-its exception, and request bodies decoded within limits. Pure, no Ray."""
+"""What the API shows and what it reads: the JSON view of a profile, the batch profile
+lookup every ingress shares (HTTP and gRPC), the error body and its exception, and
+request bodies decoded within limits. No Ray import: the lookup is handed the fleet."""
 
 from __future__ import annotations
 
 import json
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
 
-from actors.events import MAX_ID_CHARS
+from actors.events import MAX_ID_CHARS, check_id
 from actors.profile import ProfileRules, ProfileView
+
+# At most this many user ids in one batch lookup (POST /v1/profiles:batchGet and the
+# gRPC ingress): it bounds the work one request buys and its answer (a full profile is
+# ~5 KB of JSON, so ~5 MB at most).
+MAX_LOOKUP_IDS = 1000
 
 
 def profile_view(
@@ -36,6 +43,67 @@ def profile_view(
         ],
         "hidden_items": sorted(profile.hidden),
         "has_embedding": profile.interest_vector is not None,
+    }
+
+
+class ProfileReader(Protocol):
+    """What the batch lookup needs of a fleet (actors.fleet.Fleet)."""
+
+    async def get_profiles_async(self, user_ids: Sequence[str]) -> dict[str, ProfileView]: ...
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """The answer to a batch lookup: the profiles found, each once, in the order their
+    ids were first asked for, and the ids that hold no profile (never seen, deleted)."""
+
+    found: list[ProfileView]
+    missing: list[str]
+
+
+def lookup_ids(body: Any) -> list[str]:
+    """The user ids of a lookup body ``{"user_ids": [...]}``, or an ApiError: 413 past
+    MAX_LOOKUP_IDS, 422 for another shape or an invalid id (each one by index)."""
+    ids = body.get("user_ids") if isinstance(body, dict) else None
+    if not isinstance(ids, list):
+        raise ApiError(422, "invalid_lookup", 'send {"user_ids": [...]}')
+    return check_lookup_ids(ids)
+
+
+def check_lookup_ids(ids: Sequence[Any]) -> list[str]:
+    """``ids`` if they are at most MAX_LOOKUP_IDS valid user ids, else an ApiError."""
+    if len(ids) > MAX_LOOKUP_IDS:
+        raise ApiError(
+            413, "too_many_ids", f"{len(ids)} user ids; at most {MAX_LOOKUP_IDS} per request"
+        )
+    # The ids of a lookup never go into a URL, but only ids that could were written.
+    errors = [
+        {"index": n, "reason": problem}
+        for n, user in enumerate(ids)
+        if (problem := check_id(user, "user_id"))
+    ]
+    if errors:
+        raise ApiError(422, "invalid_id", f"{len(errors)} invalid user id(s)", errors=errors[:100])
+    return list(ids)
+
+
+async def lookup_profiles(fleet: ProfileReader, user_ids: Sequence[str]) -> Lookup:
+    """Many users' profiles in one hop per shard: the ids are grouped by owning shard
+    (the routing table) and each shard answers its group in one actor call. Duplicate
+    ids are answered once; ids are not checked here (``check_lookup_ids``)."""
+    wanted = list(dict.fromkeys(user_ids))
+    profiles = await fleet.get_profiles_async(wanted)
+    return Lookup(
+        [profiles[u] for u in wanted if u in profiles],
+        [u for u in wanted if u not in profiles],
+    )
+
+
+def lookup_view(lookup: Lookup, rules: ProfileRules, now: float) -> dict:
+    """The JSON body of a batch lookup: each profile as ``profile_view`` shows it."""
+    return {
+        "profiles": [profile_view(p, rules, now) for p in lookup.found],
+        "missing": lookup.missing,
     }
 
 
