@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test lint format cassandra-start cassandra-stop bench bench-quick bench-deps clean \
+.PHONY: install demo test lint format proto cassandra-start cassandra-stop bench bench-quick bench-deps clean \
 	browser screenshots
 
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +25,12 @@ lint: install
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# serving/persona_pb2.py and persona_pb2_grpc.py (checked in) from serving/persona.proto,
+# with the grpcio-tools of the dev extra (its protoc matches the protobuf runtime pinned).
+proto: install
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. serving/persona.proto
 
 # Headless Chromium for the console's browser test (tests/test_console.py), from Debian's
 # packages as the Cassandra jars come from Maven Central; nothing to do when it is there.

@@ -65,8 +65,9 @@ def _up(args: argparse.Namespace) -> int:
     from jobs.local import up
 
     state = up(_settings(args, starting=True), haproxy=not args.no_haproxy)
+    grpc = f", gRPC {state['grpc']}" if state.get("grpc") else ""
     print(
-        f"Persona is up: API {state['api']} (docs {state['api']}/docs), "
+        f"Persona is up: API {state['api']} (docs {state['api']}/docs){grpc}, "
         f"shards {', '.join(state['shards'])}; dashboard {state['dashboard']}"
     )
     return 0

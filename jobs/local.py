@@ -29,6 +29,8 @@ from persona.settings import Settings
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 # The ports Serve's HAProxy binds besides the API (metrics, stats): Ray's defaults.
 HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_METRICS_PORT": 9101, "RAY_SERVE_HAPROXY_STATS_PORT": 8404}
+# With HAProxy and gRPC on, Serve's gRPC proxy moves to this port (Ray's default).
+FALLBACK_GRPC_PORT = ("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", 9500)
 APP_NAME = "persona"
 HEAD_START_S = 120.0
 STOP_GRACE_S = 10.0
@@ -136,7 +138,8 @@ def _listening(port: int) -> bool:
 
 # --- up / down / status -------------------------------------------------------------
 def up(settings: Settings, *, haproxy: bool = True) -> dict:
-    """Start a Ray head, the shards and the HTTP API; undo everything on failure."""
+    """Start a Ray head, the shards, the HTTP API and (unless PERSONA_GRPC_PORT=0) the
+    gRPC reads; undo everything on failure."""
     record = read_stack(settings)
     if record is not None:
         if session_members(record["sid"]):
@@ -150,8 +153,14 @@ def up(settings: Settings, *, haproxy: bool = True) -> dict:
         "the dashboard": settings.dashboard_port,
         "the HTTP API": settings.http_port,
     }
+    if settings.grpc_port:
+        ports["the gRPC API"] = settings.grpc_port
     if haproxy:
         ports.update({f"HAProxy ({name})": port for name, port in _haproxy_ports().items()})
+        if settings.grpc_port:
+            # Behind HAProxy, Serve's own gRPC proxy still listens (for what HAProxy
+            # cannot answer itself) on a port of its own.
+            ports[f"Serve's gRPC fallback ({FALLBACK_GRPC_PORT[0]})"] = _fallback_grpc_port()
     taken = [
         f"{what} needs port {p}, held by {h}" for what, p in ports.items() if (h := port_holder(p))
     ]
@@ -159,7 +168,7 @@ def up(settings: Settings, *, haproxy: bool = True) -> dict:
         raise PersonaError(
             "cannot start: " + "; ".join(taken) + ". If that is an earlier Persona, "
             "`persona down` stops it; otherwise stop that process or choose other ports "
-            "(PERSONA_HTTP_PORT, PERSONA_RAY_PORT, PERSONA_DASHBOARD_PORT)"
+            "(PERSONA_HTTP_PORT, PERSONA_GRPC_PORT, PERSONA_RAY_PORT, PERSONA_DASHBOARD_PORT)"
         )
     log_path = Path(settings.data_dir) / "ray-head.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +177,7 @@ def up(settings: Settings, *, haproxy: bool = True) -> dict:
         "sid": launcher.pid,
         "ray_address": f"127.0.0.1:{settings.ray_port}",
         "api": f"http://127.0.0.1:{settings.http_port}",
+        "grpc": f"127.0.0.1:{settings.grpc_port}" if settings.grpc_port else None,
         "dashboard": f"http://127.0.0.1:{settings.dashboard_port}",
         "settings": dataclasses.asdict(dataclasses.replace(settings, api_token="")),
     }
@@ -191,6 +201,11 @@ def up(settings: Settings, *, haproxy: bool = True) -> dict:
 
 def _haproxy_ports() -> dict[str, int]:
     return {name: int(os.environ.get(name, default)) for name, default in HAPROXY_PORTS.items()}
+
+
+def _fallback_grpc_port() -> int:
+    name, default = FALLBACK_GRPC_PORT
+    return int(os.environ.get(name, default))
 
 
 def _start_head(settings: Settings, haproxy: bool, log_path: Path) -> subprocess.Popen:
@@ -263,11 +278,15 @@ def _start_app(settings: Settings, address: str) -> list[str]:
 
     from actors.fleet import Fleet
     from serving.app import build_app
+    from serving.grpc_ingress import grpc_options
 
     connect(address, settings.namespace)
     try:
         fleet = Fleet.start(settings)
-        serve.start(http_options={"host": "127.0.0.1", "port": settings.http_port})
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": settings.http_port},
+            grpc_options=grpc_options(settings),
+        )
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
         return sorted(fleet.shards)
     finally:
@@ -329,6 +348,7 @@ def status(settings: Settings) -> dict:
     report: dict = {
         "stack": "running" if members else "stopped",
         "api": record["api"],
+        "grpc": record.get("grpc"),
         "dashboard": record["dashboard"],
         "store": stack_settings(record).resolved_store_url(),
         "processes": len(members),

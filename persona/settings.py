@@ -218,6 +218,10 @@ class Settings:
     # Items of one PUT /v1/items (events of one POST: max_batch_events).
     max_items_per_request: int = 10_000
     http_port: int = 8000
+    # The port of Serve's gRPC proxy for the persona.v1 reads (serving/persona.proto),
+    # started by `persona up` beside the HTTP API; 0: no gRPC. Keep serve.yaml's
+    # grpc_options.port equal to it. Serve's default.
+    grpc_port: int = 9000
     # The Ray head `persona up` starts: its GCS port and its dashboard (jobs API) port.
     ray_port: int = 6379
     dashboard_port: int = 8265

@@ -32,7 +32,7 @@ from persona.errors import (
     StoreUnavailable,
 )
 from persona.settings import Settings, load_settings
-from serving import console, experiment_routes, schemas
+from serving import console, experiment_routes, grpc_ingress, schemas
 from serving.auth import (
     TokenTable,
     access_tokens,
@@ -186,7 +186,7 @@ def _valid_id(value: str, name: str, *, in_url_path: bool = True) -> str:
 
 @serve.deployment(name="Ingress", max_ongoing_requests=256)
 @serve.ingress(api)
-class Ingress(console.ConsoleReads, experiment_routes.ExperimentRoutes):
+class Ingress(console.ConsoleReads, experiment_routes.ExperimentRoutes, grpc_ingress.GrpcReads):
     def __init__(self, settings: dict, tokens: dict[str, dict]):
         self.settings = Settings(**settings)
         self.rules = ProfileRules.from_settings(self.settings)

@@ -142,9 +142,11 @@ def fake_multinode_config(gcs_address: str) -> dict:
 
 def serve_config_for_this_machine(http_port: int) -> dict:
     """serve.yaml with its application and deployment options as they are; only the HTTP
-    address is this machine's loopback (no token to hand around in a test)."""
+    address is this machine's loopback (no token to hand around in a test) and the gRPC
+    port a free one."""
     config = copy.deepcopy(SERVE)
     config["http_options"].update(host="127.0.0.1", port=http_port)
+    config["grpc_options"]["port"] = free_port()
     config["applications"][0]["args"]["bind_host"] = "127.0.0.1"
     return config
 

@@ -248,7 +248,11 @@ def test_the_local_serve_walkthrough_runs_as_written(tmp_path):
     http, dashboard, gcs = free_port(), free_port(), free_port()
     root = checkout_copy(tmp_path)
     serve_yaml = root / "serve.yaml"
-    serve_yaml.write_text(serve_yaml.read_text().replace("port: 8000", f"port: {http}"))
+    serve_yaml.write_text(
+        serve_yaml.read_text()
+        .replace("port: 8000", f"port: {http}")
+        .replace("port: 9000", f"port: {free_port()}")
+    )
     script = block.replace("localhost:8000", f"localhost:{http}").replace(
         "ray start --head",
         f"ray start --head --port={gcs} --dashboard-port={dashboard} "
@@ -259,6 +263,7 @@ def test_the_local_serve_walkthrough_runs_as_written(tmp_path):
         PERSONA_DATA_DIR=tmp_path / "data",
         RAY_SERVE_HAPROXY_METRICS_PORT=free_port(),
         RAY_SERVE_HAPROXY_STATS_PORT=free_port(),
+        RAY_SERVE_FALLBACK_PROXY_GRPC_PORT=free_port(),
     )
     # serve deploy returns before the app runs: the first curl waits for it (as an
     # operator watching `serve status` would), then every line runs as written.

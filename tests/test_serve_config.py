@@ -48,3 +48,18 @@ def test_the_builder_takes_the_one_argument_serve_calls_it_with():
     from serving.app import build_app
 
     assert len(inspect.signature(build_app).parameters) == 1
+
+
+def test_grpc_options_register_the_persona_service_on_the_settings_port():
+    """serve.yaml's grpc_options: Serve imports the servicer function (as its proxy does
+    at start) and listens on the port the settings name (PERSONA_GRPC_PORT)."""
+    from ray.serve.config import gRPCOptions
+
+    from persona.settings import Settings
+    from serving.grpc_ingress import SERVICER
+
+    options = gRPCOptions(**load().grpc_options.model_dump())  # what the controller builds
+    assert options.grpc_servicer_functions == [SERVICER]
+    (register,) = options.grpc_servicer_func_callable  # importable, callable
+    assert register.__name__ == "add_PersonaServicer_to_server"
+    assert options.port == Settings().grpc_port
