@@ -1,10 +1,12 @@
-"""HTTP benchmarks with wrk: GET profile, GET recommendations, POST events, and the
-plain-uvicorn ceiling measured in the same run.
+"""HTTP benchmarks with wrk: GET profile, GET recommendations, the batch profile
+lookup, POST events, and two peer baselines measured in the same run: the same no-op
+route under plain uvicorn and under Ray Serve (same proxy, same replica count).
 
     python -m bench.http_bench [--users 100000 --items 100000 --seconds 15 --store sqlite]
 
 Needs wrk (`apt-get install wrk`). Starts its own Ray (HAProxy ingress on unless
---proxy default) and Serve app on port 8000, and a uvicorn baseline on 8101.
+--proxy default) and Serve apps on --port (8000), and a uvicorn baseline on
+--ceiling-port (8101).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import uuid
 from bench.common import as_dicts, machine_cpu, start_local_ray, store_url, synthetic_events
 
 SERVE_PORT = 8000
-BODIES = 30  # distinct 1,000-event bodies the POST run cycles through
+BODIES = 30  # distinct bodies each POST run cycles through
 CEILING_PORT = 8101
+LOOKUP_SIZES = (100, 1000)  # user ids per batch lookup
 
 
 def parse_wrk(output: str) -> dict:
@@ -133,6 +136,49 @@ def populate(settings, users: int, items: int) -> tuple:
     return store, fleet, topics
 
 
+def lookup_bodies(users: int, ids: int, rng: random.Random) -> list[str]:
+    """Batch lookup bodies of ``ids`` random users each (distinct, all of them resident)."""
+    return [
+        json.dumps({"user_ids": [f"user-{u}" for u in rng.sample(range(users), ids)]})
+        for _ in range(BODIES)
+    ]
+
+
+def wait_answering(url: str, timeout: float = 120.0) -> None:
+    """Wait until ``url`` answers 200 (a Serve app is routed once it does)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} does not answer 200")
+        time.sleep(0.5)
+
+
+def serve_noop(base_url: str, args) -> dict:
+    """The no-op route under Serve, deployed like Persona's ingress, measured, removed."""
+    from ray import serve
+
+    from bench import serve_noop as noop
+
+    serve.run(noop.app(args.users, args.replicas), name="noop", route_prefix="/")
+    try:
+        wait_answering(f"{base_url}/v1/users/user-0/profile")
+        return run_wrk(
+            base_url,
+            read_script("/v1/users/user-%d/profile", args.users),
+            args.connections,
+            args.seconds,
+        )
+    finally:
+        serve.delete("noop")
+
+
 def wait_ready(base_url: str, topic: str) -> None:
     """Wait for the app, then upsert one item: a catalog upsert over HTTP makes the
     recommender reload catalog and signals."""
@@ -146,22 +192,14 @@ def wait_ready(base_url: str, topic: str) -> None:
     ).raise_for_status()
 
 
-def ceiling(users: int, seconds: int, connections: int) -> dict:
+def ceiling(users: int, seconds: int, connections: int, port: int = CEILING_PORT) -> dict:
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.uvicorn_ceiling",
-            "--port",
-            str(CEILING_PORT),
-            "--users",
-            str(users),
-        ]
+        [sys.executable, "-m", "bench.uvicorn_ceiling", "--port", str(port), "--users", str(users)]
     )
     try:
-        wait_port(CEILING_PORT)
+        wait_port(port)
         return run_wrk(
-            f"http://127.0.0.1:{CEILING_PORT}",
+            f"http://127.0.0.1:{port}",
             read_script("/v1/users/user-%d/profile", users),
             connections,
             seconds,
@@ -182,6 +220,8 @@ def main() -> None:
     # One ingress replica per core, as serve.yaml's autoscaler would settle on under
     # sustained load on this machine.
     parser.add_argument("--replicas", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--port", type=int, default=SERVE_PORT, help="Serve's HTTP port")
+    parser.add_argument("--ceiling-port", type=int, default=CEILING_PORT)
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("bench.http_bench needs wrk: apt-get install wrk")
@@ -193,7 +233,9 @@ def main() -> None:
         "proxy": args.proxy,
         "ingress_replicas": args.replicas,
     }
-    results["uvicorn_ceiling"] = ceiling(args.users, args.seconds, args.connections)
+    results["uvicorn_ceiling"] = ceiling(
+        args.users, args.seconds, args.connections, args.ceiling_port
+    )
 
     if args.proxy == "haproxy":
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
@@ -218,11 +260,12 @@ def main() -> None:
         store, fleet, topics = populate(settings, args.users, args.items)
         rng = random.Random(4)
         resident = sum(s["resident"] for s in fleet.stats())
-        serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        base_url = f"http://127.0.0.1:{args.port}"
+        results["serve_noop"] = serve_noop(base_url, args)
         handle = serve.run(
             build_ingress(overrides, replicas=args.replicas), name="persona", route_prefix="/"
         )
-        base_url = f"http://127.0.0.1:{SERVE_PORT}"
         wait_ready(base_url, topics[0])
         del handle
         results["resident_users"] = resident
@@ -238,6 +281,15 @@ def main() -> None:
             args.connections,
             args.seconds,
         )
+        for ids in LOOKUP_SIZES:
+            run = run_wrk(
+                base_url + "/v1/profiles:batchGet",
+                post_script(lookup_bodies(args.users, ids, rng)),
+                8,
+                args.seconds,
+            )
+            run["profiles_per_s"] = run["req_per_s"] * ids
+            results[f"lookup_{ids}"] = run
         now = time.time()
         bodies = [
             json.dumps(
@@ -260,6 +312,10 @@ def main() -> None:
         results["profile_to_ceiling"] = (
             results["profile"]["req_per_s"] / results["uvicorn_ceiling"]["req_per_s"]
         )
+        for route in ("profile", "recommendations"):
+            results[f"{route}_to_serve_noop"] = (
+                results[route]["req_per_s"] / results["serve_noop"]["req_per_s"]
+            )
         serve.shutdown()
         fleet.shutdown()
         if keyspace:
