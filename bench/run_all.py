@@ -1,6 +1,6 @@
 """Run every benchmark, write bench/results.json and regenerate bench/RESULTS.md (and
 bench/scaling.png): each figure next to its target, with the peer baselines measured
-in the same run and the machine it ran on.
+in the same run and the machine it ran on; then bench/CAPACITY.md from them (bench.capacity).
 
     python -m bench.run_all [--quick]      (make bench / make bench-quick, persona bench)
     python -m bench.run_all --only durability   (rerun one; the rest of results.json stays)
@@ -40,6 +40,8 @@ def sizes(quick: bool) -> dict:
             "http_users": 20_000,
             "http_items": 20_000,
             "scaling_events": 60_000,
+            "scaling_configs": "1x1,2x2,4x4",
+            "scaling_read_s": 2,
             "durability_appends": 1_000,
             "checkpoint_bounds": ["--users", "20000", "--sources", "100", "--checkpoints", "2"],
             "dedup_events": 200_000,
@@ -57,6 +59,8 @@ def sizes(quick: bool) -> dict:
         "http_users": 100_000,
         "http_items": 100_000,
         "scaling_events": 300_000,
+        "scaling_configs": "1x1,2x1,2x2,4x1,4x2,4x4",
+        "scaling_read_s": 4,
         "durability_appends": 3_000,
         "checkpoint_bounds": [],  # bench.checkpoint_bench's defaults: issue #11's sizes
         "dedup_events": 1_000_000,
@@ -191,8 +195,22 @@ def run_movielens(size: dict) -> dict:
     )
 
 
+def run_scaling(size: dict) -> dict:
+    """Ingest and reads on a simulated multi-node cluster (issue #16): SHARDSxNODES."""
+    return run_module(
+        "bench.cluster_bench",
+        "--events",
+        str(size["scaling_events"]),
+        "--configs",
+        size["scaling_configs"],
+        "--read-seconds",
+        str(size["scaling_read_s"]),
+    )
+
+
 # Benchmarks that can also run alone (--only NAME), merged into the last results.json.
 SEPARATE = {
+    "scaling": run_scaling,
     "durability": run_durability,
     "checkpoint_bounds": run_checkpoint_bounds,
     "dedup": run_dedup,
@@ -238,19 +256,7 @@ def collect(quick: bool) -> dict:
     )
     r["quality"] = run_module("jobs.evaluate", str(data / "events.jsonl"), "--k", "10")
     r["movielens"] = run_movielens(size)
-    r["scaling"] = [
-        run_module(
-            "bench.shard_bench",
-            "ingest",
-            "--events",
-            str(size["scaling_events"]),
-            "--shards",
-            str(shards),
-            "--read-seconds",
-            "3",
-        )
-        for shards in (1, 2, 4)
-    ]
+    r["scaling"] = run_scaling(size)
     return r
 
 
@@ -543,17 +549,11 @@ def plot(r: dict, out: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    scaling = [s for s in r.get("scaling", []) if "events_per_s" in s]
+    from bench.cluster_bench import plot_axes
+
     memory = [m for m in r.get("memory", []) if "bytes_per_profile" in m]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    if scaling:
-        shards = [s["shards"] for s in scaling]
-        axes[0].plot(shards, [s["events_per_s"] for s in scaling], marker="o")
-        axes[0].set(
-            title="ingest throughput (Cassandra journal)", xlabel="shards", ylabel="events/s"
-        )
-        axes[1].plot(shards, [s["read_p99_ms"] for s in scaling], marker="o", color="tab:orange")
-        axes[1].set(title="profile read p99 (fleet)", xlabel="shards", ylabel="ms")
+    plot_axes(r.get("scaling") or {}, axes[0], axes[1])
     if memory:
         users = [m["users"] for m in memory]
         axes[2].plot(
@@ -1090,20 +1090,9 @@ def render(r: dict, facts: dict) -> str:
             f"{elastic['ingest_under_cap']['max_resident']:,}, evicted {elastic['ingest_under_cap']['evicted']:,}.",
         ]
     if r.get("scaling"):
-        lines += [
-            "",
-            "## Scaling",
-            "",
-            "![scaling](scaling.png)",
-            "",
-            "| shards | ingest events/s | read p99 ms |",
-            "|---|---|---|",
-        ]
-        for s in r["scaling"]:
-            if "events_per_s" in s:
-                lines.append(
-                    f"| {s['shards']} | {s['events_per_s']:,.0f} | {s['read_p99_ms']:.1f} |"
-                )
+        from bench.cluster_bench import section
+
+        lines += section(r["scaling"])
         lines.append("")
         lines.append(
             "Memory: "
@@ -1148,6 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads((HERE / "results.json").read_text())
         plot(results, HERE / "scaling.png")
         (HERE / "RESULTS.md").write_text(render(results, results["machine"]))
+        write_capacity(results)
         return 0
     from storage.cassandra_local import LocalNode
 
@@ -1167,7 +1157,19 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, HERE / "scaling.png")
     (HERE / "RESULTS.md").write_text(render(results, facts))
     print(f"wrote {HERE / 'results.json'}, {HERE / 'RESULTS.md'}, {HERE / 'scaling.png'}")
+    write_capacity(results)
     return 0
+
+
+def write_capacity(results: dict) -> None:
+    """bench/CAPACITY.md from these results; figures missing are named, not fatal."""
+    from bench import capacity
+
+    try:
+        capacity.write_capacity(results, HERE / "CAPACITY.md")
+        print(f"wrote {HERE / 'CAPACITY.md'}")
+    except capacity.MissingFigures as exc:
+        print(f"{HERE / 'CAPACITY.md'}: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":
