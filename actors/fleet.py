@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 import ray
 
 from actors.attribution import Exposure
-from actors.events import EventValidator, ValidEvent, references
+from actors.events import EventValidator, ValidEvent, encode_columns, references
 from actors.profile import ProfileRules, ProfileView
 from actors.routing import (
     group_users,
@@ -229,13 +229,13 @@ class Fleet:
             # Every part goes under the batch's own source and lines: shards dedupe per
             # (source, partition, line), so a retry stays exactly once even when
             # partitions moved in between.
+            # Each part crosses to its shard as one compressed columnar blob, which the
+            # shard journals as it is (Ray would otherwise serialize a tuple per event).
             results = await asyncio.gather(
                 *(
-                    self._handle(n).apply_batch.remote(
+                    self._handle(n).apply_part.remote(
                         source,
-                        pending[n][0],
-                        True,
-                        pending[n][1],
+                        encode_columns(*pending[n]),
                         self.fingerprint,
                         span,
                         arrived_at,

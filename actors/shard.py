@@ -19,6 +19,7 @@ import ray
 from ray.util.metrics import Counter, Gauge
 
 from actors.attribution import Exposure
+from actors.events import decode_columns
 from actors.shard_state import Ack, ShardState
 from persona.errors import (
     ConfigError,
@@ -191,11 +192,15 @@ class ProfileShard:
         span: tuple[int, int] | None = None,
         arrived_at: float | None = None,
         refs: dict[int, tuple] | None = None,
+        *,
+        encoded: bytes | None = None,
     ) -> dict:
         """Journal then apply a batch; lines of ``source`` applied before (within the
         dedup retention) are acknowledged as duplicates. ``arrived_at`` is when the
         batch reached its sender (wall clock; default: now), for the freshness delays.
-        ``refs`` are the recommendations events name, by line (``events.references``)."""
+        ``refs`` are the recommendations events name, by line (``events.references``).
+        ``encoded`` is the validated events and lines as ``events.encode_columns``
+        made them (see apply_part)."""
         if arrived_at is None:
             arrived_at = time.time()
         self._ensure_ticker()
@@ -208,19 +213,48 @@ class ProfileShard:
                     f"than the sender ({fingerprint}): start every process of a deployment "
                     "with the same store and PERSONA_* profile settings"
                 )
-            return await self._apply_batch(source, events, validated, lines, span, arrived_at, refs)
+            return await self._apply_batch(
+                source, events, validated, lines, span, arrived_at, refs, encoded
+            )
         finally:
             self._pending_writes -= 1
 
+    async def apply_part(
+        self,
+        source: str,
+        part: bytes,
+        fingerprint: str | None = None,
+        span: tuple[int, int] | None = None,
+        arrived_at: float | None = None,
+        refs: dict[int, tuple] | None = None,
+    ) -> dict:
+        """apply_batch for a part the fleet validated and encoded with
+        ``events.encode_columns``: one bytes object crosses the actor boundary instead
+        of a pickled tuple per event, and is journaled as it came when every event in
+        it is new."""
+        events, lines = decode_columns(part)
+        return await self.apply_batch(
+            source, events, True, lines, fingerprint, span, arrived_at, refs, encoded=part
+        )
+
     async def _apply_batch(
-        self, source: str, events, validated: bool, lines, span, arrived_at: float, refs=None
+        self,
+        source: str,
+        events,
+        validated: bool,
+        lines,
+        span,
+        arrived_at: float,
+        refs=None,
+        encoded: bytes | None = None,
     ) -> dict:
         state = self.state
         batch = state.check(
             events, lines, validated=validated, span=span, arrived_at=arrived_at, refs=refs
         )
+        batch.encoded = encoded if validated else None
         users = batch.users()
-        keys = state.dedup_keys(source, batch.events)  # computed once per batch
+        keys = state.dedup_keys(source, batch)  # computed once per batch
         # The batch's users and dedup entries are held against eviction from their
         # first load until the batch is applied (or refused).
         state.pin(users)
@@ -276,20 +310,20 @@ class ProfileShard:
 
     async def _load_for(self, batch, looked_up: Prefetched | None) -> None:
         state = self.state
-        users = [u for u in batch.users() if state.partition(u) in state.owned]
+        owned, partitions = state.owned, batch.partitions(state.partitions)
+        users = [u for u, p in partitions.items() if p in owned]
         if looked_up is not None and looked_up.evicted == state.totals["evicted"]:
             # Users the prefetch found absent from the store are still absent if their
             # partition has not changed hands since (only the owner writes them) and
             # nothing was evicted (eviction writes users and drops them from memory).
-            owned, epochs = state.owned, looked_up.epochs
+            epochs, absent = looked_up.epochs, looked_up.absent
             users = [
                 u
                 for u in users
-                if u not in looked_up.absent
-                or owned.get(state.partition(u)) != epochs.get(state.partition(u))
+                if u not in absent or owned.get(partitions[u]) != epochs.get(partitions[u])
             ]
         await state.load(users)
-        await state.load_item_vectors(e[1] for e in batch.events)
+        await state.load_item_vectors(batch.items())
 
     async def _prefetch(self, batch, keys: dict[str, int]) -> Prefetched:
         """Before queueing for the write lock, read what a pre-validated batch needs
@@ -298,10 +332,10 @@ class ProfileShard:
         lock is read there."""
         state = self.state
         epochs, evicted = dict(state.owned), state.totals["evicted"]
-        users = [u for u in batch.users() if state.partition(u) in epochs]
+        users = [u for u, p in batch.partitions(state.partitions).items() if p in epochs]
         absent = await state.load(users)
         await state.load_dedup(keys)
-        await state.load_item_vectors(e[1] for e in batch.events)
+        await state.load_item_vectors(batch.items())
         return Prefetched(absent=set(absent), epochs=epochs, evicted=evicted)
 
     async def note_exposures(self, blobs: list[bytes]) -> int:

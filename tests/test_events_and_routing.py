@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import zlib
 from collections import Counter
 
 import msgpack
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.events import EventValidator
+from actors.events import EventValidator, decode_columns, encode_columns
 from actors.routing import initial_assignment, partition_of, split_by_owner
 from persona.errors import InvalidEvents
 from persona.settings import PROJECT_ROOT
@@ -237,3 +238,45 @@ def test_validating_any_msgpack_never_raises_and_explains_each_rejection(events)
     decoded = msgpack.unpackb(body, raw=False, strict_map_key=False)
     valid, errors = VALIDATOR.validate(body, now=NOW)
     assert_each_index_valid_or_explained(decoded, valid, errors)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(near_events(msgpack_values) | near_events(json_values))
+def test_the_fast_check_accepts_only_what_the_full_check_accepts(event):
+    latest = NOW + VALIDATOR.max_future_s
+    if VALIDATOR._plainly_valid(event, latest):
+        assert VALIDATOR.reason(event, NOW) is None
+
+
+# --- the columnar encoding of a shard's part (fleet -> shard -> journal) ------------
+
+valid_events = st.tuples(
+    st.text(min_size=1, max_size=12),
+    st.text(min_size=1, max_size=12),
+    st.sampled_from(["view", "click", "hide"]),
+    st.floats(0, 4e9),
+    st.lists(st.text(min_size=1, max_size=8), max_size=16).map(tuple),
+    st.floats(0.001, 1000) | st.just(1.0),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(valid_events, st.integers(-(2**62), 2**62)), max_size=40))
+def test_an_encoded_part_decodes_to_the_same_events_and_lines(pairs):
+    events, lines = [e for e, _ in pairs], [line for _, line in pairs]
+    assert decode_columns(encode_columns(events, lines)) == (events, lines)
+
+
+def test_an_encoded_part_is_much_smaller_than_its_tuples():
+    events = [
+        (f"user-{n % 997}", f"item-{n % 313}", "view", NOW + n * 0.37, ("t1", f"t{n % 7}"), 1.0)
+        for n in range(5_000)
+    ]
+    blob = encode_columns(events, list(range(5_000)))
+    assert len(blob) < len(msgpack.packb(events)) / 3
+
+
+@pytest.mark.parametrize("blob", [b"", b"garbage", zlib.compress(msgpack.packb([99, []]))])
+def test_what_is_not_an_encoded_part_is_refused(blob):
+    with pytest.raises(ValueError):
+        decode_columns(blob)

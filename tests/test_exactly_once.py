@@ -15,10 +15,11 @@ import time
 
 import pytest
 
-from actors.events import EventValidator
+from actors.events import EventValidator, encode_columns
 from actors.profile import Profile
 from actors.routing import partition_of
 from actors.shard import ProfileShard
+from actors.shard_state import journal_row
 from persona.errors import ConfigError, PersonaError, StaleEpoch, StoreUnavailable
 from persona.settings import load_settings
 from storage import codec, open_store
@@ -581,3 +582,41 @@ def test_a_file_ingested_in_batches_is_one_interval_per_partition(settings):
     entries, rerun = asyncio.run(scenario())
     assert len(entries) == P and set(map(tuple, entries.values())) == {((0, 1999),)}
     assert rerun == {"applied": 0, "duplicate": 2000}
+
+
+# --- the journal's format ------------------------------------------------------------
+
+
+def test_journal_rows_written_before_the_columnar_format_still_replay(settings):
+    async def scenario():
+        node = shard(settings)
+        await node.apply_batch("b1", [event("ann", "x")])
+        fence = {partition_of("bob", P): node.state.owned[partition_of("bob", P)]}
+        old = {"source": "old", "events": [["bob", "i", "click", NOW, ["jazz"], 1.0]]}
+        node.state.store.append_journal("A", 2, codec.encode({**old, "fence": fence}), fence=fence)
+        restarted = shard(settings)
+        again = await restarted.apply_batch("old", [event("bob", "i")])  # its line 0
+        return await held_events(restarted, "bob"), again
+
+    held, again = asyncio.run(scenario())
+    assert held == 1
+    assert (again["applied"], again["duplicate"]) == (0, 1)
+
+
+def test_a_part_with_duplicates_journals_only_its_new_events(settings):
+    validator = EventValidator(["view", "click", "hide", "comment"])
+    valid = validator.validate([event("ann", "x"), event("bob", "y")])[0]
+
+    async def scenario():
+        node = shard(settings)
+        first = await node.apply_part("src", encode_columns(valid[:1], [0]))
+        both = await node.apply_part("src", encode_columns(valid, [0, 1]))
+        rows = [journal_row(codec.decode(b)) for _, b in node.state.store.read_journal("A", 0)]
+        restarted = shard(settings)  # replays both rows
+        held = [await held_events(restarted, u) for u in ("ann", "bob")]
+        return first, both, rows, held
+
+    first, both, rows, held = asyncio.run(scenario())
+    assert first["applied"] == 1 and (both["applied"], both["duplicate"]) == (1, 1)
+    assert [(r.events, r.lines) for r in rows] == [(valid[:1], [0]), (valid[1:], [1])]
+    assert held == [1, 1]

@@ -18,6 +18,7 @@ import ray
 from actors.fleet import Fleet
 from actors.profile import Profile, ProfileRules, apply_events
 from actors.routing import partition_of
+from actors.shard_state import journal_row
 from persona.errors import StaleEpoch, StoreUnavailable
 from storage import codec, open_store
 
@@ -181,7 +182,9 @@ def test_checkpoint_while_ingesting_then_restart(fleet):
     tail_users = {}
     for name in fleet.shards:
         rows = store.read_journal(name, store.get_checkpoint(name).seq)
-        tail_users[name] = {e[0] for _, blob in rows for e in codec.decode(blob)["events"]}
+        tail_users[name] = {
+            e[0] for _, blob in rows for e in journal_row(codec.decode(blob)).events
+        }
     store.close()
     assert any(tail_users.values()), "the last batches must come after the last checkpoint"
     for name in fleet.shards:
