@@ -142,7 +142,7 @@ def measured_costs(results: dict) -> tuple[Costs, list[Source]]:
         entry = results.get(section)
         value = _get(results, section, *path)
         if not isinstance(value, int | float) or isinstance(value, bool):
-            why = _get(entry, "error") or "absent"
+            why = _get(entry, "error") or (section == "scaling" and store_error) or "absent"
             missing.append(
                 f"{figure}: results.json {section}.{'.'.join(map(str, path))} ({why}); {rerun}"
             )
@@ -159,6 +159,9 @@ def measured_costs(results: dict) -> tuple[Costs, list[Source]]:
     scaling = "rerun `python -m bench.run_all --only scaling`"
     runs = _get(results, "scaling", "runs") or []
     shard_us = [r["ingest"]["cpu_us_per_event"]["shards"] for r in runs if _get(r, "ingest")]
+    # The store's bytes are measured in one configuration (the last that got there).
+    store_run = max((n for n, r in enumerate(runs) if "store_bytes" in r), default=-1)
+    store_error = next((r["store_bytes_error"] for r in runs if "store_bytes_error" in r), None)
     cpus = _get(results, "machine", "cpus") or _get(results, "store", "cpus")
     store_cpus = float(cpus) if cpus else math.nan
     costs = Costs(
@@ -236,7 +239,7 @@ def measured_costs(results: dict) -> tuple[Costs, list[Source]]:
             "journal bytes per event (blobs in Cassandra before the checkpoint)",
             "B",
             "scaling",
-            ["runs", -1, "store_bytes", "journal_bytes_per_event"],
+            ["runs", store_run, "store_bytes", "journal_bytes_per_event"],
             scaling,
         ),
         stored_bytes_per_profile=take(
@@ -244,7 +247,7 @@ def measured_costs(results: dict) -> tuple[Costs, list[Source]]:
             "stored bytes per profile (key + blob; `persona generate`'s mix, 50 events a user)",
             "B",
             "scaling",
-            ["runs", -1, "store_bytes", "generated_profile_bytes"],
+            ["runs", store_run, "store_bytes", "generated_profile_bytes"],
             scaling,
         ),
         dedup_bytes_per_entry=take(
@@ -252,7 +255,7 @@ def measured_costs(results: dict) -> tuple[Costs, list[Source]]:
             "bytes per dedup entry (blob + key of an HTTP client's Idempotency-Key)",
             "B",
             "scaling",
-            ["runs", -1, "store_bytes", "dedup_bytes_per_request_entry"],
+            ["runs", store_run, "store_bytes", "dedup_bytes_per_request_entry"],
             scaling,
         ),
         exposure_row_bytes=take(
@@ -260,7 +263,7 @@ def measured_costs(results: dict) -> tuple[Costs, list[Source]]:
             "bytes per exposure row (20 items)",
             "B",
             "scaling",
-            ["runs", -1, "store_bytes", "exposure_row_bytes"],
+            ["runs", store_run, "store_bytes", "exposure_row_bytes"],
             scaling,
         ),
     )
@@ -411,7 +414,7 @@ def plan(daily_users: int, c: Costs, a: dict[str, float]) -> Plan:
     rf = a["replication_factor"]
     p.q(
         "Cassandra writes/s (rows, before replication)",
-        batches * min(shards, expected_distinct(shards, a["events_per_request"]))
+        batches * expected_distinct(shards, a["events_per_request"])
         + profile_writes
         + dedup_rows
         + recs,
@@ -622,7 +625,7 @@ def render(plans: list[Plan], sources: list[Source], a: dict[str, float], result
         lines.append(f"| {name} | {values} | {unit} | {formula} |")
     lines += [
         "",
-        "## What the model leaves out",
+        "## What the figures include and leave out",
         "",
         "- HTTP CPU per request is the whole machine's during the HTTP benchmark, the load "
         "generator (wrk) and the shards included: an upper bound on the serving tier.",
@@ -631,14 +634,37 @@ def render(plans: list[Plan], sources: list[Source], a: dict[str, float], result
         "each journal append is (Paxos adds round trips between replicas).",
         "- Core-us per profile write or read is the store benchmark's cores over its rate, "
         "with its client on the same cores: an upper bound on the node's own cost.",
+        "- Cassandra CPU per event is all the node did during the ingest benchmark: the "
+        "journal appends and the reads that run made (new users, each new source's dedup "
+        "entries at 10,000-event batches); the read term above counts some of those "
+        "again, so Cassandra CPU is overestimated, not under.",
         "- Events arrive through the fleet's ingest path; through `POST /v1/events` the "
         "ingress also parses JSON (see the HTTP benchmark in RESULTS.md).",
         "- On real nodes, each cross-node call adds the network round trip to the hop cost "
-        "in RESULTS.md (Scaling); a batch lookup makes one call per shard it touches.",
+        f"in RESULTS.md (Scaling{hop_note(results)}); a batch lookup makes one call per "
+        "shard it touches.",
+        f"- Shards at the largest size: {plans[-1].values['shards (one core each)']:.0f}, "
+        + (
+            "within"
+            if plans[-1].values["shards (one core each)"] <= a["partitions"]
+            else "**more than**"
+        )
+        + f" the {a['partitions']:.0f} partitions (PERSONA_PARTITIONS, fixed when a "
+        "deployment is created: it caps the shards a deployment can ever have).",
         "- Item signals, the co-engagement graph, model vectors and per-shard dedup memory "
         "are not in the memory figure; the node overhead assumption stands for them.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def hop_note(results: dict) -> str:
+    """The no-op hop measured by the cluster benchmark, same node and other node."""
+    hops = [r["hop"]["noop"] for r in _get(results, "scaling", "runs") or [] if r.get("hop")]
+    if not hops:
+        return ""
+    same = sorted(h["same"]["p50_ms"] for h in hops)[len(hops) // 2]
+    cross = sorted(h["cross"]["p50_ms"] for h in hops)[len(hops) // 2]
+    return f": a no-op call {same:.2f} ms p50 to the same node, {cross:.2f} ms to another, here"
 
 
 def write_capacity(results: dict, out: Path, overrides: dict[str, float] | None = None) -> str:

@@ -138,3 +138,16 @@ def test_the_report_shows_each_formula_and_every_assumption(tmp_path):
     assert all(f"`{name}`" in text for name in ASSUMPTIONS)
     assert "| `peak_to_average` | 2 x |" in text
     assert "100,000,000" in text and "2026-12-01 10:30 UTC" in text
+
+
+def test_store_bytes_come_from_the_run_that_measured_them_or_its_error_is_named():
+    results = results_with_every_figure()
+    measured = results["scaling"]["runs"][0]
+    failed = {"shards": 4, "nodes": 4, "error": "StoreUnavailable: write timeout"}
+    results["scaling"]["runs"] = [measured, failed]
+    costs, _ = measured_costs(results)
+    assert costs.journal_bytes_per_event == 70.0
+    measured.pop("store_bytes")
+    measured["store_bytes_error"] = "StoreUnavailable: checkpoint timed out"
+    with pytest.raises(MissingFigures, match="checkpoint timed out"):
+        measured_costs(results)
