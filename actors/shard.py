@@ -257,14 +257,14 @@ class ProfileShard:
         keys = state.dedup_keys(source, batch)  # computed once per batch
         # The batch's users and dedup entries are held against eviction from their
         # first load until the batch is applied (or refused).
-        state.pin(users)
+        held = state.pin(users)
         state.dedup.pin(list(keys))
         try:
             looked_up = await self._prefetch(batch, keys) if validated else None
             async with self._write_lock:
                 ack = await self._apply_locked(source, batch, keys, looked_up)
         finally:
-            state.unpin(users)
+            state.unpin(held)
             state.dedup.unpin(list(keys))
         await self._passivate()
         if (

@@ -164,7 +164,7 @@ class ShardState:
         self.item_vectors: dict[str, np.ndarray] = {}
         self.items_checked: set[str] = set()
         # Users a batch in flight holds: never evicted under it.
-        self.pinned: Counter[str] = Counter()
+        self.pinned = Pins()
         # Removals so far, and the count at each recently removed user's removal.
         self.removals = 0
         self.removed_at: OrderedDict[str, int] = OrderedDict()
@@ -740,17 +740,12 @@ class ShardState:
         return batch.ack
 
     # --- pinning (batches in flight) ---
-    def pin(self, users: Iterable[str]) -> None:
-        self.pinned.update(users)
+    def pin(self, users: Iterable[str]) -> set[str]:
+        """Hold users against eviction; returns the hold to pass to ``unpin``."""
+        return self.pinned.add(users)
 
-    def unpin(self, users: Iterable[str]) -> None:
-        pinned = self.pinned
-        for user in users:  # only these can drop to zero
-            left = pinned[user] - 1
-            if left > 0:
-                pinned[user] = left
-            else:
-                del pinned[user]
+    def unpin(self, held: set[str]) -> None:
+        self.pinned.remove(held)
 
     # --- passivation ---
     def eviction_candidates(self) -> list[str]:
@@ -938,6 +933,33 @@ class ShardState:
             **self.totals,
             "freshness": self.freshness.summary(time.monotonic()),
         }
+
+
+class Pins:
+    """The users batches in flight hold, one set per batch: pinning and unpinning a
+    batch costs one set, not a count per user, and only eviction asks who is held."""
+
+    def __init__(self) -> None:
+        self._held: list[set[str]] = []
+
+    def add(self, users: Iterable[str]) -> set[str]:
+        held = set(users)
+        self._held.append(held)
+        return held
+
+    def remove(self, held: set[str]) -> None:
+        # By identity: two batches may hold equal sets.
+        for n, other in enumerate(self._held):
+            if other is held:
+                del self._held[n]
+                return
+
+    def __contains__(self, user: object) -> bool:
+        return any(user in held for held in self._held)
+
+    def __len__(self) -> int:
+        """Holds counted per batch (a user two batches hold counts twice)."""
+        return sum(map(len, self._held))
 
 
 @dataclass

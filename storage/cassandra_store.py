@@ -69,10 +69,9 @@ def _row_factory(colnames, rows):
     if row_class is None:
         if len(_ROW_CLASSES) > 1_000:  # only this module's statements come here
             _ROW_CLASSES.clear()
-        sample = named_tuple_factory(colnames, rows[:1])
-        if not sample:
-            return sample
-        row_class = _ROW_CLASSES[key] = type(sample[0])
+        # Made from a placeholder row: most bulk reads find nothing (new users).
+        placeholder = named_tuple_factory(colnames, [(None,) * len(colnames)])
+        row_class = _ROW_CLASSES[key] = type(placeholder[0])
     return [row_class(*row) for row in rows]
 
 
