@@ -39,10 +39,16 @@ def results_with_every_figure() -> dict:
         "dedup_bytes_per_request_entry": 90.0,
         "exposure_row_bytes": 400.0,
     }
-    run = {"ingest": {"cpu_us_per_event": {"shards": 18.0}}, "store_bytes": store_bytes}
+    run = {
+        "shards": 4,
+        "nodes": 4,
+        "ingest": {"cpu_us_per_event": {"shards": 18.0}},
+        "store_bytes": store_bytes,
+    }
+    fewer = {"shards": 1, "nodes": 1, "ingest": {"cpu_us_per_event": {"shards": 9.0}}}
     return {
         "machine": {"cpus": 2, "date": "2026-12-01 10:00 UTC"},
-        "scaling": {"runs": [run], "date": "2026-12-01 10:30 UTC", "command": "cluster"},
+        "scaling": {"runs": [fewer, run], "date": "2026-12-01 10:30 UTC", "command": "cluster"},
         "ingest": {
             "cpu_us_per_event_by_process": {"fleet (validation, routing)": 7.0, "cassandra": 9.0},
             "command": "ingest",
@@ -109,6 +115,8 @@ def test_costs_are_read_from_results_with_their_benchmark_and_date():
     assert costs.cassandra_core_us_per_write == pytest.approx(2 / 20_000 * 1e6)
     memory = next(s for s in sources if s.figure.startswith("resident"))
     assert memory.bench == "`memory --users 3000000`"
+    # Shard CPU at the most shards measured (the smallest parts per shard).
+    assert costs.shard_us_per_event == 18.0
     shard = next(s for s in sources if s.figure.startswith("shard"))
     assert shard.date == "2026-12-01 10:30 UTC"
 
@@ -142,7 +150,7 @@ def test_the_report_shows_each_formula_and_every_assumption(tmp_path):
 
 def test_store_bytes_come_from_the_run_that_measured_them_or_its_error_is_named():
     results = results_with_every_figure()
-    measured = results["scaling"]["runs"][0]
+    measured = results["scaling"]["runs"][1]
     failed = {"shards": 4, "nodes": 4, "error": "StoreUnavailable: write timeout"}
     results["scaling"]["runs"] = [measured, failed]
     costs, _ = measured_costs(results)
