@@ -690,18 +690,15 @@ def write_capacity(
     overrides: dict[str, float] | None = None,
     label: str = "`bench/results.json`",
 ) -> str:
-    """Compute the model and write ``out``; returns the text. With figures missing, writes
-    a CAPACITY.md that names them and raises MissingFigures."""
+    """Compute the model and write ``out``; returns the text. With figures missing it
+    raises MissingFigures naming them and leaves ``out`` as it was."""
     a = {name: assumption.value for name, assumption in ASSUMPTIONS.items()}
     unknown = set(overrides or {}) - set(a)
     if unknown:
         raise SystemExit(f"--set: unknown assumption(s) {sorted(unknown)}; known: {sorted(a)}")
     a.update(overrides or {})
-    try:
-        costs, sources = measured_costs(results)
-    except MissingFigures as exc:
-        out.write_text(f"# Capacity model\n\nNot computed: {exc}\n")
-        raise
+    # Missing figures raise before anything is written: the last CAPACITY.md stays.
+    costs, sources = measured_costs(results)
     plans = [plan(n, costs, a) for n in SIZES]
     text = render(plans, sources, a, results, label)
     out.write_text(text)

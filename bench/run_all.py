@@ -1194,14 +1194,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_capacity(results: dict) -> None:
-    """bench/CAPACITY.md from these results; figures missing are named, not fatal."""
+    """bench/CAPACITY.md from these results; figures missing are named (and the last
+    CAPACITY.md kept), not fatal."""
     from bench import capacity
 
     try:
         capacity.write_capacity(results, HERE / "CAPACITY.md")
         print(f"wrote {HERE / 'CAPACITY.md'}")
     except capacity.MissingFigures as exc:
-        print(f"{HERE / 'CAPACITY.md'}: {exc}", file=sys.stderr)
+        print(f"{HERE / 'CAPACITY.md'} not regenerated: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":
