@@ -187,6 +187,20 @@ def run_http(size: dict) -> dict:
     )
 
 
+def run_grpc(size: dict) -> dict:
+    """GetProfile and BatchGetProfiles over gRPC beside the same reads over HTTP, on one
+    app, by the same kind of client, alternating (issue #16)."""
+    return run_module(
+        "bench.grpc_bench",
+        "--seconds",
+        str(size["http_s"]),
+        "--users",
+        str(size["http_users"]),
+        "--items",
+        str(size["http_items"]),
+    )
+
+
 def run_movielens(size: dict) -> dict:
     """`persona evaluate` on MovieLens-100k with tuning and the HTTP path (same sizes
     quick or not: the data set is what it is)."""
@@ -229,6 +243,7 @@ SEPARATE = {
     "dedup": run_dedup,
     "exposures": run_exposures,
     "movielens": run_movielens,
+    "grpc": run_grpc,
     "http": run_http,
 }
 
@@ -252,6 +267,7 @@ def collect(quick: bool) -> dict:
     ]
     r["http"] = run_http(size)
     r["exposures"] = run_exposures(size)
+    r["grpc"] = run_grpc(size)
     r["elastic"] = run_module("bench.elastic_bench", *(["--quick"] if quick else []))
     data = HERE / "out" / "eval"
     run_module(
@@ -989,6 +1005,62 @@ def exposures_section(e: dict) -> list[str]:
     return lines
 
 
+def grpc_section(g: dict) -> list[str]:
+    lines = ["", "## gRPC reads beside HTTP (issue #16)", ""]
+    if "profile" not in g:
+        return [*lines, f"Not measured: {g.get('error', 'no run')}."]
+    lines += [
+        f"`bench.grpc_bench` ({g['date']}): one app serving both protocols ({g['users']:,} "
+        f"users, {g['ingress_replicas']} ingress replicas, {g['proxy']} in front of HTTP and "
+        "gRPC), both driven by the same kind of client: a Python asyncio process (grpc.aio "
+        f"over {g['channels']} channels; aiohttp, a connection per request in flight), "
+        f"{g['connections']} requests in flight ({g['batch_connections']} for lookups of "
+        f"{g['batch']} ids), {g['seconds']:.0f} s per run, modes alternating over "
+        f"{g['rounds']} rounds, medians. The client shares the cores: its CPU is shown. Server "
+        "CPU is that of the benchmark's own Ray processes per request (replicas + shards + "
+        "HAProxy or Serve's proxy + the rest of Ray), so other load on the machine does not "
+        "move it.",
+        "",
+        "| read | protocol | req/s | profiles/s | p50 ms | p99 ms | server CPU ms/request (replicas + shards + proxy) | client CPU ms/request | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    reads = [("GetProfile / GET profile", "profile", 1)]
+    if "batch_lookup" in g:
+        reads.append(
+            (f"BatchGetProfiles / POST batchGet ({g['batch']} ids)", "batch_lookup", g["batch"])
+        )
+    for name, key, ids in reads:
+        for mode, label in (("grpc", "gRPC"), ("http", "HTTP")):
+            f = g[key][mode]
+            server = (
+                f"{f['server_cpu_ms_per_request']:.2f} ({f['server_cpu_ms_replicas']:.2f} + "
+                f"{f['server_cpu_ms_shards']:.2f} + {f['server_cpu_ms_proxy']:.2f})"
+            )
+            lines.append(
+                f"| {name} | {label} | {f['req_per_s']:,.0f} | {f['req_per_s'] * ids:,.0f} | "
+                f"{f['p50_ms']:.1f} | {f['p99_ms']:.1f} | {server} | "
+                f"{f['client_cpu_ms_per_request']:.2f} | {f['errors']} |"
+            )
+    wrk = g.get("profile_wrk")
+    if wrk:
+        lines.append(
+            f"| GET profile, wrk instead of the Python client | HTTP | {wrk['req_per_s']:,.0f} | "
+            f"{wrk['req_per_s']:,.0f} | {wrk['p50_ms']:.1f} | {wrk['p99_ms']:.1f} | "
+            f"— | — | {wrk['non_2xx']} non-2xx |"
+        )
+    lines += [
+        "",
+        f"gRPC answers profile reads at **{g['grpc_to_http']:.2f}x** the HTTP rate"
+        + (
+            f" and batch lookups at **{g['batch_grpc_to_http']:.2f}x**"
+            if "batch_grpc_to_http" in g
+            else ""
+        )
+        + " in the same run (404s and NOT_FOUNDs of users without events count as answers).",
+    ]
+    return lines
+
+
 def movielens_section(m: dict) -> list[str]:
     """Issue #13's evaluation on real data, from `persona evaluate`'s JSON, followed by
     the hand-kept protocol and choices (bench/MOVIELENS.md)."""
@@ -1099,6 +1171,7 @@ def render(r: dict, facts: dict) -> str:
         ]
     lines += movielens_section(r.get("movielens") or {})
     lines += exposures_section(r.get("exposures") or {})
+    lines += grpc_section(r.get("grpc") or {})
     lines += durability_section(_get(r, "durability", "durability_bench", default={}))
     lines += checkpoint_bounds_section(r.get("checkpoint_bounds") or [])
     lines += dedup_section(r.get("dedup") or [], r)
