@@ -448,8 +448,9 @@ def section(result) -> list[str]:
     configs = ",".join(f"{r['shards']}x{r['nodes']}" for r in runs)
     lines += [
         f"`bench.cluster_bench` ({result['date']}, {result.get('wall_s', '?')}"
-        " s): one Ray cluster of raylets on this machine (`ray.cluster_utils.Cluster`), "
-        "shards pinned to nodes by resource (shard i on node i % nodes), the fleet "
+        f" s): one Ray cluster of {max(r['nodes'] for r in runs)} raylets on this machine "
+        "(`ray.cluster_utils.Cluster`; a configuration of fewer nodes leaves the others "
+        "idle), shards pinned to nodes by resource (shard i on node i % nodes), the fleet "
         "(validation and routing) in the driver on node 0, the journal on the shared "
         f"Cassandra node (a fresh keyspace per configuration). {result['events']:,} events "
         f"of {result['users']:,} users in {result['batch']:,}-event batches, "
