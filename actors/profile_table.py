@@ -2,10 +2,13 @@
 
 Why arrays: with one ``Profile`` object per user, every event costs a few
 microseconds of Python (dict and tuple churn) and every profile several
-kilobytes of object headers. Here each user is a row: counters, scalars, a bag of
-top-K topic slots and a bag of the N most recent actions, so a batch is applied
-with a handful of vectorised operations over all its events and a profile costs
-about ``N*13 + K*12`` bytes.
+kilobytes of object headers. Here each user is a row: counters and scalars in
+dense arrays, and a bag of at most K topic slots, a bag of the N most recent
+actions, its hidden items and its filter of earlier items as lists that grow with
+the user (extents sized by class in flat pools, actors/extents.py), so a batch is
+applied with a handful of vectorised operations over all its events and a profile
+costs about ``130 + 13*recent + 12*topics`` bytes plus its user id, whether the
+bounds are 100 and 64 or more.
 
 The semantics are exactly those of ``apply_events`` (the reference model in
 actors/profile.py), which stays the specification: rows whose update the fast path
@@ -17,7 +20,8 @@ checks the two agree on random batches.
 Bags, not sorted lists: the reference keeps recent actions sorted and drops the
 oldest past N, i.e. it keeps the N largest (ts, item, action) entries. A bag of N
 slots where a new entry replaces the smallest one keeps the same set without
-shifting anything; order is restored when a profile is read.
+shifting anything; order is restored when a profile is read. Times stay float64:
+event times are any float, and no narrower encoding keeps every one exact.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from actors.extents import Extents
 from actors.item_stats import CONTEXT
 from actors.profile import (
     EXP_FLOOR,
@@ -42,12 +47,13 @@ from actors.profile import (
 )
 from storage import codec
 
-# The per-row arrays (a row's whole state apart from its rare hidden items, filter of
-# earlier items and embedding).
+# The per-row arrays: a row's counters and scalars, its entry counts, and its co-engagement
+# context (the last CONTEXT engagements in its recent bag, as bag slot + 1; 0: none).
+# Its recent actions, topics, hidden items and filter of earlier items are lists that
+# grow with the user, in pools of extents (actors/extents.py).
 ARRAYS = (
     "counts", "first_seen", "last_seen", "t0", "events", "version", "position", "journal",
-    "used", "dirty", "n_topics", "topic_ids", "topic_scores", "n_recent", "recent_ts",
-    "recent_item", "recent_code", "context_ts", "context_item",
+    "used", "dirty", "n_topics", "n_recent", "n_hidden", "context",
 )  # fmt: skip
 
 
@@ -93,27 +99,39 @@ class ProfileTable:
         self.rules = rules
         self.rows: dict[str, int] = {}
         self.users: list[str | None] = []
-        self.free: list[int] = []
+        self.free: list[int] = []  # rows given back (below next_row)
+        self.next_row = 0  # rows from here on were never used
         self.items = Vocabulary()
         self.topics = Vocabulary()
         self.journals = Vocabulary()
-        self.hidden: dict[int, dict[str, float]] = {}
+        # The lists that grow with the user; each row's count of entries is a dense array.
+        # Recent bags grow by an entry an event: classes 4 apart move a row every 4th.
+        # Recent actions and hidden items are read by their counts only; new topic
+        # slots are summed into, so they must start at zero.
+        recent = {"ts": np.float64, "item": np.int32, "code": np.int8}
+        self.recent = Extents(recent, rules.recent_n, step=4, zeroed=False)
+        self.topic = Extents({"id": np.int32, "score": np.float64}, rules.top_k, step=2)
+        hidden = {"item": np.int32, "ts": np.float64}
+        self.hidden = Extents(hidden, rules.hidden_n, step=2, zeroed=False)
         # Filters of the items that left a row's recent bag (Profile.seen), for the rows
-        # that have one: only users past recent_n actions.
-        self.seen: dict[int, np.ndarray] = {}
+        # that have one: only users past recent_n actions. One block per filter.
+        size = max(1, rules.seen_bytes)
+        self.seen = Extents({"bits": np.uint8}, size, block=size)
         # Per vocabulary id, the filter bit positions of that item (seen_positions).
         self._seen_bits = np.zeros((0, SEEN_HASHES), dtype=np.int64)
         self.embedding: dict[int, tuple[np.ndarray, float]] = {}
         self.clock = 0  # LRU: each touch stamps rows with a larger number
         self.capacity = 0
+        if rules.recent_n >= 255:
+            raise ValueError("recent_actions must be below 255 (contexts hold bag slots)")
         self._allocate(capacity)
         self._weights = np.array(rules.weights, dtype=np.float64)
         self._hide = rules.codes.get(HIDE, -1)
 
     # --- storage ---
     def _allocate(self, capacity: int) -> None:
-        rules, old, n = self.rules, self.capacity, self.capacity
-        k, r, a = rules.top_k, rules.recent_n, len(rules.actions)
+        rules, n = self.rules, self.capacity
+        a = len(rules.actions)
         # All zero when empty (vocabulary id 0 is "none"; first/last seen and t0 mean
         # nothing while events == 0): np.zeros maps untouched capacity lazily, so
         # memory follows the rows in use, not the capacity.
@@ -129,44 +147,74 @@ class ProfileTable:
             ("used", (), np.int64),
             ("dirty", (), np.bool_),  # changed since last written to the store
             ("n_topics", (), np.int16),
-            ("topic_ids", (k,), np.int32),
-            ("topic_scores", (k,), np.float64),
             ("n_recent", (), np.int16),
-            ("recent_ts", (r,), np.float64),
-            ("recent_item", (r,), np.int32),
-            ("recent_code", (r,), np.int8),
-            # The last CONTEXT engagements by time, oldest first: what new ones pair with.
-            ("context_ts", (CONTEXT,), np.float64),
-            ("context_item", (CONTEXT,), np.int32),
+            ("n_hidden", (), np.int16),
+            # The last CONTEXT engagements in the recent bag by time, oldest first, as
+            # bag slot + 1 (0: none): what new engagements pair with.
+            ("context", (CONTEXT,), np.uint8),
         ):
             grown = np.zeros((capacity, *shape), dtype=dtype)
-            if old:
+            if n:
                 grown[:n] = getattr(self, name)
             setattr(self, name, grown)
-        self.users.extend([None] * (capacity - old))
-        self.free.extend(range(capacity - 1, old - 1, -1))
+        for pool in self._pools():
+            pool.grow_rows(capacity)
+        self.users.extend([None] * (capacity - n))
         self.capacity = capacity
 
+    def _pools(self) -> tuple[Extents, ...]:
+        return self.recent, self.topic, self.hidden, self.seen
+
+    def _seen_counts(self, rows) -> np.ndarray:
+        return np.where(self.seen.off[rows] > 0, self.rules.seen_bytes, 0)
+
     def _clear(self, rows: int | np.ndarray) -> None:
-        """Reset one row or an array of rows to the empty state."""
+        """Reset one row or an array of distinct rows to the empty state."""
+        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        none = np.zeros(len(rows), dtype=np.int64)
+        self.recent.resize(rows, self.n_recent[rows], none)
+        self.topic.resize(rows, self.n_topics[rows], none)
+        self.hidden.resize(rows, self.n_hidden[rows], none)
+        self.seen.resize(rows, self._seen_counts(rows), none)
         for name in ARRAYS:
             getattr(self, name)[rows] = 0
-        for row in np.atleast_1d(rows).tolist():
-            self.hidden.pop(row, None)
-            self.seen.pop(row, None)
-            self.embedding.pop(row, None)
+        if self.embedding:
+            for row in rows.tolist():
+                self.embedding.pop(row, None)
+
+    def _upkeep(self) -> None:
+        """Compact the pools whose freed extents add up (rows that grew left them)."""
+        for pool, counts in (
+            (self.recent, self.n_recent),
+            (self.topic, self.n_topics),
+            (self.hidden, self.n_hidden),
+            (self.seen, None),
+        ):
+            if pool.wants_compaction():
+                rows = np.flatnonzero(pool.off > 0)
+                pool.compact(rows, self._seen_counts(rows) if counts is None else counts[rows])
 
     def _new_row(self, user: str) -> int:
-        if not self.free:
-            self._allocate(max(1024, self.capacity * 2))
-        row = self.free.pop()
+        if self.free:
+            row = self.free.pop()
+        else:
+            if self.next_row == self.capacity:
+                self._allocate(max(1024, self.capacity * 2))
+            row = self.next_row
+            self.next_row += 1
         self.rows[user] = row
         self.users[row] = user
         return row
 
     def nbytes(self) -> int:
-        """Bytes of the per-row arrays (the part that grows with users)."""
-        return sum(getattr(self, name).nbytes for name in ARRAYS)
+        """Bytes of the per-row arrays and the pools (the parts that grow with users)."""
+        return sum(self.layout_bytes().values())
+
+    def layout_bytes(self) -> dict[str, int]:
+        """Bytes by part: the dense per-row arrays, and each pool up to its last extent."""
+        dense = sum(getattr(self, name).nbytes for name in ARRAYS)
+        pools = dict(zip(("recent", "topics", "hidden", "seen"), self._pools(), strict=True))
+        return {"rows": dense, **{name: pool.nbytes() for name, pool in pools.items()}}
 
     # --- mapping ---
     def __len__(self) -> int:
@@ -228,14 +276,24 @@ class ProfileTable:
         # Only the used slots, flattened; row i's entries are [start[i], start[i + 1]).
         n_recent, n_topics = self.n_recent[rows], self.n_topics[rows]
         used_r = np.arange(ts.shape[1])[None, :] < n_recent[:, None]
-        used_t = np.arange(rules.top_k)[None, :] < n_topics[:, None]
         start_r = np.r_[0, np.cumsum(n_recent)].tolist()
         start_t = np.r_[0, np.cumsum(n_topics)].tolist()
         ts_bytes = ts[used_r].tobytes()
         code_bytes = codes[used_r].astype(np.uint8).tobytes()
-        item_names = self.items.as_array()[items[used_r]].tolist()
-        topic_names = self.topics.as_array()[self.topic_ids[rows][used_t]].tolist()
-        score_bytes = self.topic_scores[rows][used_t].tobytes()
+        item_array = self.items.as_array()
+        item_names = item_array[items[used_r]].tolist()
+        topic_at = self.topic.flat(rows, n_topics)
+        topic_names = self.topics.as_array()[self.topic["id"][topic_at]].tolist()
+        score_bytes = self.topic["score"][topic_at].tobytes()
+        n_hidden = self.n_hidden[rows]
+        start_h = np.r_[0, np.cumsum(n_hidden)].tolist()
+        hidden_at = self.hidden.flat(rows, n_hidden)
+        hidden_names = item_array[self.hidden["item"][hidden_at]].tolist()
+        hidden_ts = self.hidden["ts"][hidden_at].tolist()
+        seen_off, size = self.seen.off[rows], rules.seen_bytes
+        seen_rows = np.flatnonzero(seen_off > 0)
+        seen_bytes = self.seen["bits"].reshape(-1, max(1, size))[seen_off[seen_rows]].tobytes()
+        seen_index = dict(zip(seen_rows.tolist(), range(len(seen_rows)), strict=True))
         scalars = np.empty(len(rows), dtype=STORED_SCALARS)
         applied = self.events[rows] > 0  # first/last seen and t0 mean nothing before that
         scalars["f"] = np.where(applied, self.first_seen[rows], math.inf)
@@ -247,8 +305,7 @@ class ProfileTable:
         count_bytes, count_width = self.counts[rows].tobytes(), 4 * len(rules.actions)
         journal = self.journal[rows].tolist()
         journals, actions = self.journals.names, list(rules.actions)
-        hidden, embedding, encode = self.hidden, self.embedding, codec.encoder()
-        seen = self.seen
+        embedding, encode = self.embedding, codec.encoder()
         blobs = {}
         for i, (user, row) in enumerate(pairs):
             r0, r1, k0, k1 = start_r[i], start_r[i + 1], start_t[i], start_t[i + 1]
@@ -265,10 +322,12 @@ class ProfileTable:
                 "ra": code_bytes[r0:r1],
                 "j": journals[journal[i]] if journal[i] else None,
             }
-            if row in hidden:
-                record["h"] = hidden[row]
-            if row in seen:
-                record["sb"] = seen[row].tobytes()
+            h0, h1 = start_h[i], start_h[i + 1]
+            if h1 > h0:
+                record["h"] = dict(zip(hidden_names[h0:h1], hidden_ts[h0:h1], strict=True))
+            if i in seen_index:
+                at = seen_index[i] * size
+                record["sb"] = seen_bytes[at : at + size]
             if row in embedding:
                 vector, weight = embedding[row]
                 record["e"], record["ew"] = vector.tolist(), weight
@@ -283,11 +342,12 @@ class ProfileTable:
         n_recent = self.n_recent[rows][:, None]
         width = int(n_recent.max(initial=0))  # slots past every row's count hold nothing
         used = np.arange(width)[None, :] < n_recent
-        ts = self.recent_ts[rows, :width]
+        at = self.recent.grid(rows, n_recent[:, 0], width)
+        ts = self.recent["ts"][at]
         order = np.argsort(np.where(used, ts, np.inf), axis=1, kind="stable")
         ts = np.take_along_axis(ts, order, axis=1)
-        items = np.take_along_axis(self.recent_item[rows, :width], order, axis=1)
-        codes = np.take_along_axis(self.recent_code[rows, :width], order, axis=1)
+        items = np.take_along_axis(self.recent["item"][at], order, axis=1)
+        codes = np.take_along_axis(self.recent["code"][at], order, axis=1)
         tied = ((ts[:, 1:] == ts[:, :-1]) & used[:, 1:]).any(axis=1)
         names = self.items.names
         for i in np.flatnonzero(tied).tolist():
@@ -299,10 +359,29 @@ class ProfileTable:
             ts[i, :n], items[i, :n], codes[i, :n] = zip(*entries, strict=True)
         return ts, items, codes
 
+    def context_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rows' co-engagement contexts as (times, item ids), (len(rows), CONTEXT)
+        each, oldest first; empty entries are time 0 and item 0."""
+        at = self._context_at(rows)
+        return self.recent["ts"][at], self.recent["item"][at]
+
+    def _context_at(self, rows: np.ndarray) -> np.ndarray:
+        """Flat positions of the rows' context entries in the recent pool (0: none)."""
+        slot = self.context[rows].astype(np.int64)
+        base = self.recent.off[rows].astype(np.int64)[:, None] * self.recent.block
+        return np.where(slot > 0, base + slot - 1, 0)
+
     def view(self, user: str) -> ProfileView | None:
         """What a read returns (``Profile.view``), or None if the user is not resident."""
         row = self.rows.get(user)
         return None if row is None else self._materialize(row).view(self.rules)
+
+    def _hidden_of(self, row: int) -> dict[str, float]:
+        entries = self.hidden.read(row, int(self.n_hidden[row]))
+        names = self.items.names
+        return dict(
+            zip([names[i] for i in entries["item"].tolist()], entries["ts"].tolist(), strict=True)
+        )
 
     def _materialize(self, row: int) -> Profile:
         rules = self.rules
@@ -314,28 +393,27 @@ class ProfileTable:
             profile.last_seen = float(self.last_seen[row])
             profile.t0 = float(self.t0[row])
         names = self.topics.names
-        n = int(self.n_topics[row])
+        topics = self.topic.read(row, int(self.n_topics[row]))
         profile.topics = dict(
             zip(
-                [names[i] for i in self.topic_ids[row, :n].tolist()],
-                self.topic_scores[row, :n].tolist(),
+                [names[i] for i in topics["id"].tolist()],
+                topics["score"].tolist(),
                 strict=True,
             )
         )
-        n = int(self.n_recent[row])
+        recent = self.recent.read(row, int(self.n_recent[row]))
         items = self.items.names
         profile.recent = sorted(
             zip(
-                self.recent_ts[row, :n].tolist(),
-                [items[i] for i in self.recent_item[row, :n].tolist()],
-                self.recent_code[row, :n].tolist(),
+                recent["ts"].tolist(),
+                [items[i] for i in recent["item"].tolist()],
+                recent["code"].tolist(),
                 strict=True,
             )
         )
-        hidden = self.hidden.get(row)
-        profile.hidden = dict(hidden) if hidden else None
-        if row in self.seen:
-            profile.seen = bytearray(self.seen[row].tobytes())
+        profile.hidden = self._hidden_of(row) if self.n_hidden[row] else None
+        if self.seen.off[row]:
+            profile.seen = bytearray(self.seen.read(row, rules.seen_bytes)["bits"].tobytes())
         if row in self.embedding:
             vector, weight = self.embedding[row]
             profile.embedding, profile.embedding_weight = vector.copy(), weight
@@ -357,7 +435,7 @@ class ProfileTable:
         """Make stored records resident (replacing any rows the users had), filling
         the arrays for all of them at once: recovery and cold reads load users by the
         thousand. Records in another shape (the list form, other action names, more
-        topics or recent actions than this table holds) go through ``put``."""
+        topics, recent actions or hidden items than this table holds) go through ``put``."""
         rules = self.rules
         actions, top_k, recent_n = list(rules.actions), rules.top_k, rules.recent_n
         fast, other = [], []
@@ -367,6 +445,7 @@ class ProfileTable:
                 and record["an"] == actions
                 and len(record["tn"]) <= top_k
                 and len(record["ri"]) <= recent_n
+                and len(record.get("h") or ()) <= rules.hidden_n
             ):
                 fast.append(record)
             else:
@@ -382,6 +461,7 @@ class ProfileTable:
             users = [r["u"] for r in fast]
         rows = self._rows_for(users)
         self._clear(rows)
+        none = np.zeros(len(rows), dtype=np.int64)
         scalars = np.frombuffer(b"".join(r["x"] for r in fast), dtype=STORED_SCALARS)
         self.events[rows], self.version[rows] = scalars["n"], scalars["v"]
         self.position[rows] = scalars["p"]
@@ -391,44 +471,73 @@ class ProfileTable:
             len(fast), len(actions)
         )
         self.journal[rows] = [0 if r["j"] is None else self.journals.add(r["j"]) for r in fast]
-        # Topics and recent actions: flattened across records, then scattered to slots.
+        # Topics and recent actions: flattened across records, then written to extents.
         n_topics = np.fromiter((len(r["tn"]) for r in fast), dtype=np.int64, count=len(fast))
         if n_topics.sum():
-            at, slot = _slots(rows, n_topics)
-            self.topic_ids[at, slot] = self.topics.encode([t for r in fast for t in r["tn"]])
-            self.topic_scores[at, slot] = np.frombuffer(
+            self.topic.resize(rows, none, n_topics)
+            at = self.topic.flat(rows, n_topics)
+            self.topic["id"][at] = self.topics.encode([t for r in fast for t in r["tn"]])
+            self.topic["score"][at] = np.frombuffer(
                 b"".join(r["tv"] for r in fast), dtype=np.float64
             )
         self.n_topics[rows] = n_topics
         n_recent = np.fromiter((len(r["ri"]) for r in fast), dtype=np.int64, count=len(fast))
         if n_recent.sum():
-            at, slot = _slots(rows, n_recent)
+            self.recent.resize(rows, none, n_recent)
+            at = self.recent.flat(rows, n_recent)
+            row_of, slot = _slots(rows, n_recent)
             ts = np.frombuffer(b"".join(r["rt"] for r in fast), dtype=np.float64)
             items = self.items.encode([i for r in fast for i in r["ri"]])
             codes = np.frombuffer(b"".join(r["ra"] for r in fast), dtype=np.uint8)
-            self.recent_ts[at, slot] = ts
-            self.recent_item[at, slot] = items
-            self.recent_code[at, slot] = codes
+            self.recent["ts"][at] = ts
+            self.recent["item"][at] = items
+            self.recent["code"][at] = codes
             # Stored recent actions are in time order: the row's last CONTEXT engagements
             # are its context (the one with e engagements after it goes to slot -1 - e).
             engaged = self._weights[codes] > 0
             running = np.cumsum(engaged)
             after = np.repeat(running[np.cumsum(n_recent) - 1], n_recent) - running
             tail = engaged & (after < CONTEXT)
-            self.context_ts[at[tail], CONTEXT - 1 - after[tail]] = ts[tail]
-            self.context_item[at[tail], CONTEXT - 1 - after[tail]] = items[tail]
+            self.context[row_of[tail], CONTEXT - 1 - after[tail]] = slot[tail] + 1
         self.n_recent[rows] = n_recent
+        hidden = [(row, r["h"]) for row, r in zip(rows.tolist(), fast, strict=True) if r.get("h")]
+        if hidden:
+            self._write_hidden(
+                np.array([row for row, _ in hidden], dtype=np.int64), [h for _, h in hidden]
+            )
+        filters = [
+            (row, stored)
+            for row, r in zip(rows.tolist(), fast, strict=True)
+            if (stored := r.get("sb")) and len(stored) == rules.seen_bytes
+        ]
+        if filters:
+            self._write_seen(
+                np.array([row for row, _ in filters], dtype=np.int64),
+                b"".join(stored for _, stored in filters),
+            )
         for row, record in zip(rows.tolist(), fast, strict=True):
-            if record.get("h"):
-                self.hidden[row] = dict(record["h"])
-            stored = record.get("sb")
-            if stored and len(stored) == rules.seen_bytes:
-                self.seen[row] = np.frombuffer(stored, dtype=np.uint8).copy()
             if record.get("e") is not None:
                 vector = np.asarray(record["e"], dtype=np.float64)
                 self.embedding[row] = (vector, record["ew"])
         self.clock += 1
         self.used[rows] = self.clock
+        self._upkeep()
+
+    def _write_hidden(self, rows: np.ndarray, hidden: Sequence[Mapping[str, float]]) -> None:
+        """Set distinct ``rows``' hidden items (name -> time, at most hidden_n each)."""
+        counts = np.fromiter(map(len, hidden), dtype=np.int64, count=len(hidden))
+        self.hidden.resize(rows, self.n_hidden[rows], counts)
+        at = self.hidden.flat(rows, counts)
+        self.hidden["item"][at] = self.items.encode([name for h in hidden for name in h])
+        self.hidden["ts"][at] = [t for h in hidden for t in h.values()]
+        self.n_hidden[rows] = counts
+
+    def _write_seen(self, rows: np.ndarray, filters: bytes) -> None:
+        """Set distinct ``rows``' filters of earlier items (seen_bytes each, concatenated)."""
+        size = self.rules.seen_bytes
+        self.seen.resize(rows, self._seen_counts(rows), np.full(len(rows), size))
+        blocks = self.seen["bits"].reshape(-1, size)
+        blocks[self.seen.off[rows]] = np.frombuffer(filters, dtype=np.uint8).reshape(-1, size)
 
     def _rows_for(self, users: Sequence[str]) -> np.ndarray:
         """Each user's row, creating rows for users not resident yet."""
@@ -467,28 +576,31 @@ class ProfileTable:
         if profile.events:
             self.first_seen[row], self.last_seen[row] = profile.first_seen, profile.last_seen
             self.t0[row] = profile.t0
+        one, none = np.array([row]), np.zeros(1, dtype=np.int64)
         n = len(profile.topics)
         self.n_topics[row] = n
         if n:
-            self.topic_ids[row, :n] = self.topics.encode(list(profile.topics))
-            self.topic_scores[row, :n] = list(profile.topics.values())
+            self.topic.resize(one, none, np.array([n]))
+            at = self.topic.flat(one, np.array([n]))
+            self.topic["id"][at] = self.topics.encode(list(profile.topics))
+            self.topic["score"][at] = list(profile.topics.values())
         recent = profile.recent
         n = len(recent)
         self.n_recent[row] = n
         if n:
             ts, items, codes = zip(*recent, strict=True)
-            item_ids = self.items.encode(items)
-            self.recent_ts[row, :n] = ts
-            self.recent_item[row, :n] = item_ids
-            self.recent_code[row, :n] = codes
+            self.recent.resize(one, none, np.array([n]))
+            at = self.recent.flat(one, np.array([n]))
+            self.recent["ts"][at] = ts
+            self.recent["item"][at] = self.items.encode(items)
+            self.recent["code"][at] = codes
             engaged = [i for i, code in enumerate(codes) if self._weights[code] > 0][-CONTEXT:]
             if engaged:
-                self.context_ts[row, CONTEXT - len(engaged) :] = [ts[i] for i in engaged]
-                self.context_item[row, CONTEXT - len(engaged) :] = item_ids[engaged]
+                self.context[row, CONTEXT - len(engaged) :] = np.array(engaged) + 1
         if profile.hidden:
-            self.hidden[row] = dict(profile.hidden)
-        if profile.seen is not None:
-            self.seen[row] = np.frombuffer(bytes(profile.seen), dtype=np.uint8).copy()
+            self._write_hidden(one, [profile.hidden])
+        if profile.seen is not None and len(profile.seen) == rules.seen_bytes:
+            self._write_seen(one, bytes(profile.seen))
         if profile.embedding is not None:
             self.embedding[row] = (profile.embedding.copy(), profile.embedding_weight)
         journal = profile.journal
@@ -559,9 +671,14 @@ class ProfileTable:
         pair_row = rows[pair_event]
         pair_slot = np.full(len(pair_event), -1, dtype=np.int64)
         if len(pair_event):
-            match = self.topic_ids[pair_row] == pair_topic[:, None]
+            # Each batch row's topic slots, read once (0 past its count: no topic).
+            n_topics = self.n_topics[batch_rows]
+            width = int(n_topics.max(initial=0))
+            held = self.topic["id"][self.topic.grid(batch_rows, n_topics, width)]
+            match = held[group[pair_event]] == pair_topic[:, None]
             found = match.any(axis=1)
-            pair_slot[found] = match[found].argmax(axis=1)
+            if found.any():
+                pair_slot[found] = match[found].argmax(axis=1)
             missing = np.flatnonzero(~found)
             if len(missing):
                 keys = (pair_row[missing] << 32) | pair_topic[missing].astype(np.int64)
@@ -619,6 +736,7 @@ class ProfileTable:
         self.clock += 1
         self.used[batch_rows] = self.clock
         self.dirty[batch_rows] = True
+        self._upkeep()
         return n
 
     def _apply_fast(
@@ -636,18 +754,33 @@ class ProfileTable:
         self.version[rows_done] += 1
         self.journal[rows_done] = journal_id
         self.position[rows_done] = seq
+        where = np.searchsorted(rows_done, rows)  # event -> its row's index in rows_done
         # Same operations in the same order as the reference: bit-for-bit equal scores.
         contribution = self._weights[codes] * weights * np.exp(np.maximum(exponent, EXP_FLOOR))
         if len(pair_event):
-            self.topic_ids[pair_row, pair_slot] = pair_topic
-            np.add.at(self.topic_scores, (pair_row, pair_slot), contribution[pair_event])
-            np.maximum.at(self.n_topics, pair_row, (pair_slot + 1).astype(np.int16))
+            before = self.n_topics[rows_done].astype(np.int64)
+            after = before.copy()
+            np.maximum.at(after, where[pair_event], pair_slot + 1)
+            self.topic.resize(rows_done, before, after)  # room for the new slots
+            at = self.topic.at(pair_row, pair_slot)
+            self.topic["id"][at] = pair_topic
+            np.add.at(self.topic["score"], at, contribution[pair_event])
+            self.n_topics[rows_done] = after
+        # The contexts before the batch, read before their bag slots are overwritten.
+        context_slot = self.context[rows_done]
+        context_ts = self.recent["ts"][self._context_at(rows_done)]
         room = ~full
-        target, slots = rows[room], recent_slot[room]
-        self.recent_ts[target, slots] = ts[room]
-        self.recent_item[target, slots] = items[room]
-        self.recent_code[target, slots] = codes[room]
-        np.maximum.at(self.n_recent, target, (slots + 1).astype(np.int16))
+        before = self.n_recent[rows_done].astype(np.int64)
+        after = before.copy()
+        np.maximum.at(after, where[room], recent_slot[room] + 1)
+        self.recent.resize(rows_done, before, after)
+        self.n_recent[rows_done] = after
+        at = self.recent.at(rows[room], recent_slot[room])
+        self.recent["ts"][at] = ts[room]
+        self.recent["item"][at] = items[room]
+        self.recent["code"][at] = codes[room]
+        # Each event's bag slot + 1 (0: it never entered a full bag).
+        slot_of = np.where(room, recent_slot + 1, 0)
         # What leaves full bags goes into their rows' filters of earlier items: the
         # entries each round overwrites, and events older than every entry (never in).
         left: list[tuple[np.ndarray, np.ndarray]] = []
@@ -657,18 +790,23 @@ class ProfileTable:
             left.append((rows[never], items[never]))
         for event_ids, slot in writes:  # in round order: later rounds overwrite
             target = rows[event_ids]
+            at = self.recent.at(target, slot)
             if self.rules.seen_bytes:
-                left.append((target, self.recent_item[target, slot].copy()))
-            self.recent_ts[target, slot] = ts[event_ids]
-            self.recent_item[target, slot] = items[event_ids]
-            self.recent_code[target, slot] = codes[event_ids]
+                left.append((target, self.recent["item"][at]))
+            self.recent["ts"][at] = ts[event_ids]
+            self.recent["item"][at] = items[event_ids]
+            self.recent["code"][at] = codes[event_ids]
+            slot_of[event_ids] = slot + 1
         if left:
             self._remember_earlier(
                 np.concatenate([r for r, _ in left]), np.concatenate([i for _, i in left])
             )
         engaged = self._weights[codes] > 0  # a hide is never paired with anything
-        self._update_context(rows[engaged], ts[engaged], items[engaged], alone[engaged])
-        self._forget_context_past_the_bag(rows_done)
+        self._update_context(
+            context_ts, context_slot, where[engaged], ts[engaged], slot_of[engaged], alone[engaged]
+        )
+        self._forget_context_past_the_bag(rows_done, context_ts, context_slot)
+        self.context[rows_done] = context_slot
         hides = np.flatnonzero(codes == self._hide)
         if len(hides):
             self._hide_items(rows[hides], items[hides], ts[hides])
@@ -683,7 +821,8 @@ class ProfileTable:
         slow, writes = np.zeros(groups, dtype=bool), []
         full_events = np.flatnonzero(full)
         full_rows = np.unique(rows[full_events])
-        local = self.recent_ts[full_rows].copy()
+        n = self.rules.recent_n
+        local = self.recent["ts"][self.recent.grid(full_rows, self.n_recent[full_rows], n)]
         where = np.searchsorted(full_rows, rows)
         # Events that still fit before the bag filled count as entries already there.
         room = np.flatnonzero(~full & np.isin(rows, full_rows))
@@ -706,52 +845,56 @@ class ProfileTable:
             writes.append((these[newer], slot[newer]))
         return slow, writes
 
-    def _update_context(self, rows, ts, items, single) -> None:
-        """Keep each row's last CONTEXT engagements by time (oldest first); ``single``
-        marks events that are their row's only one in the batch."""
+    @staticmethod
+    def _update_context(context_ts, context_slot, where, ts, slots, single) -> None:
+        """Keep each row's last CONTEXT engagements by time (oldest first), in the
+        rows' (time, bag slot + 1) arrays; ``where`` gives each engagement's row there,
+        ``single`` marks engagements that are their row's only event in the batch."""
         one = np.flatnonzero(single)
         if len(one):  # most rows get one event per batch: insert it without sorting
-            target, new_ts, new_items = rows[one], ts[one], items[one]
-            old_ts, old_items = self.context_ts[target], self.context_item[target]
+            target, new_ts, new_slots = where[one], ts[one], slots[one]
+            old_ts, old_slots = context_ts[target], context_slot[target]
             # k entries are older than the new one; it goes after them, the oldest drops.
-            k = ((old_ts < new_ts[:, None]) | (old_items == 0)).sum(axis=1)[:, None]
+            k = ((old_ts < new_ts[:, None]) | (old_slots == 0)).sum(axis=1)[:, None]
             slot = np.arange(CONTEXT)[None, :]
             shifted_ts = np.concatenate([old_ts[:, 1:], old_ts[:, -1:]], axis=1)
-            shifted_items = np.concatenate([old_items[:, 1:], old_items[:, -1:]], axis=1)
-            self.context_ts[target] = np.where(
+            shifted_slots = np.concatenate([old_slots[:, 1:], old_slots[:, -1:]], axis=1)
+            context_ts[target] = np.where(
                 slot < k - 1, shifted_ts, np.where(slot == k - 1, new_ts[:, None], old_ts)
             )
-            self.context_item[target] = np.where(
-                slot < k - 1, shifted_items, np.where(slot == k - 1, new_items[:, None], old_items)
+            context_slot[target] = np.where(
+                slot < k - 1, shifted_slots, np.where(slot == k - 1, new_slots[:, None], old_slots)
             )
         many = np.flatnonzero(~single)
         if not len(many):
             return
-        rows, ts, items = rows[many], ts[many], items[many]
-        touched = np.unique(rows)
-        where = np.searchsorted(touched, rows)
-        all_rows = np.concatenate([np.repeat(np.arange(len(touched)), CONTEXT), where])
-        all_ts = np.concatenate([self.context_ts[touched].ravel(), ts])
-        all_items = np.concatenate([self.context_item[touched].ravel(), items])
+        where, ts, slots = where[many], ts[many], slots[many]
+        touched = np.unique(where)
+        place = np.searchsorted(touched, where)
+        all_rows = np.concatenate([np.repeat(np.arange(len(touched)), CONTEXT), place])
+        all_ts = np.concatenate([context_ts[touched].ravel(), ts])
+        all_slots = np.concatenate([context_slot[touched].ravel(), slots])
         order = np.lexsort((all_ts, all_rows))
-        all_ts, all_items = all_ts[order], all_items[order]
+        all_ts, all_slots = all_ts[order], all_slots[order]
         ends = np.r_[np.flatnonzero(np.diff(all_rows[order])), len(order) - 1]
         for k in range(CONTEXT):  # every row has >= CONTEXT entries (the padded context)
-            self.context_ts[touched, k] = all_ts[ends - (CONTEXT - 1 - k)]
-            self.context_item[touched, k] = all_items[ends - (CONTEXT - 1 - k)]
+            context_ts[touched, k] = all_ts[ends - (CONTEXT - 1 - k)]
+            context_slot[touched, k] = all_slots[ends - (CONTEXT - 1 - k)]
 
-    def _forget_context_past_the_bag(self, rows: np.ndarray) -> None:
+    def _forget_context_past_the_bag(self, rows, context_ts, context_slot) -> None:
         """The context is the last engagements *in the recent bag* (what a profile read
-        back from the store has): entries older than a full bag's oldest are dropped.
-        They are the context's first slots, since it is sorted by time."""
-        rows = rows[self.n_recent[rows] >= self.rules.recent_n]
-        if not len(rows):
+        back from the store has): entries older than a full bag's oldest are dropped
+        (entries the batch wrote and then replaced among them). They are the context's
+        first slots, since it is sorted by time."""
+        n = self.rules.recent_n
+        full = np.flatnonzero(self.n_recent[rows] >= n)
+        if not len(full):
             return
-        oldest = self.recent_ts[rows].min(axis=1)
-        gone = self.context_ts[rows] < oldest[:, None]
+        oldest = self.recent["ts"][self.recent.grid(rows[full], np.full(len(full), n), n)]
+        gone = context_ts[full] < oldest.min(axis=1)[:, None]
         if gone.any():
-            self.context_ts[rows] = np.where(gone, 0.0, self.context_ts[rows])
-            self.context_item[rows] = np.where(gone, 0, self.context_item[rows])
+            context_ts[full] = np.where(gone, 0.0, context_ts[full])
+            context_slot[full] = np.where(gone, 0, context_slot[full])
 
     def _observe(self, stats, rows, items, codes, ts, fast) -> None:
         """Item signals for the fast rows' events, each with its row's pre-batch context."""
@@ -760,13 +903,14 @@ class ProfileTable:
         if not len(chosen):
             return
         touched = np.unique(rows[chosen])
+        context_ts, context_items = self.context_of(touched)
         stats.observe_columns(
             np.searchsorted(touched, rows[chosen]),
             items[chosen],
             ts[chosen],
             weights[chosen],
-            self.context_ts[touched],
-            self.context_item[touched],
+            context_ts,
+            context_items,
             self.items.names,
         )
 
@@ -782,30 +926,37 @@ class ProfileTable:
             self._seen_bits = np.concatenate(
                 [self._seen_bits, np.asarray(fresh, dtype=np.int64).reshape(-1, SEEN_HASHES)]
             )
-        positions = self._seen_bits[items]  # (n, SEEN_HASHES)
-        order = np.argsort(rows, kind="stable")
-        rows, positions = rows[order], positions[order]
-        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-        ends = np.r_[starts[1:], len(rows)]
         size = self.rules.seen_bytes
-        for row, a, b in zip(rows[starts].tolist(), starts.tolist(), ends.tolist(), strict=True):
-            seen = self.seen.get(row)
-            if seen is None:
-                seen = self.seen[row] = np.zeros(size, dtype=np.uint8)
-            at = positions[a:b].ravel()
-            np.bitwise_or.at(seen, at >> 3, (1 << (at & 7)).astype(np.uint8))
+        touched = np.unique(rows)
+        new = touched[self.seen.off[touched] == 0]
+        if len(new):
+            self.seen.resize(new, np.zeros(len(new), dtype=np.int64), np.full(len(new), size))
+        positions = self._seen_bits[items]  # (n, SEEN_HASHES)
+        at = self.seen.off[rows].astype(np.int64)[:, None] * size + (positions >> 3)
+        bit = (1 << (positions & 7)).astype(np.uint8)
+        np.bitwise_or.at(self.seen["bits"], at.ravel(), bit.ravel())
 
     def _hide_items(self, rows, items, ts) -> None:
         names, limit = self.items.names, self.rules.hidden_n
+        touched = np.unique(rows)
+        n_hidden = self.n_hidden[touched]
+        at = self.hidden.flat(touched, n_hidden)
+        held_names = [names[i] for i in self.hidden["item"][at].tolist()]
+        held_ts = self.hidden["ts"][at].tolist()
+        changed, start = {}, 0
+        for row, n in zip(touched.tolist(), n_hidden.tolist(), strict=True):
+            end = start + n
+            changed[row] = dict(zip(held_names[start:end], held_ts[start:end], strict=True))
+            start = end
         for row, item, at in zip(rows.tolist(), items.tolist(), ts.tolist(), strict=True):
-            hidden = self.hidden.setdefault(row, {})
+            hidden = changed[row]
             name = names[item]
             hidden[name] = max(at, hidden.get(name, at))
-        for row in set(rows.tolist()):  # trimmed once, after the batch (as the reference)
-            hidden = self.hidden[row]
+        for row, hidden in changed.items():  # trimmed once, after the batch (as the reference)
             if len(hidden) > limit:
                 newest = sorted(hidden.items(), key=lambda kv: (-kv[1], kv[0]))
-                self.hidden[row] = dict(newest[:limit])
+                changed[row] = dict(newest[:limit])
+        self._write_hidden(touched, list(changed.values()))
 
     def _add_embeddings(self, rows, items, contribution, vectors) -> None:
         names = self.items.names

@@ -163,7 +163,7 @@ def test_bulk_loading_records_equals_loading_them_one_by_one():
 
     # The co-engagement context is the last three recent actions, as after a batch.
     def context(t: ProfileTable, user: str) -> list[str]:
-        return [t.items.names[i] for i in t.context_item[t.rows[user]].tolist()]
+        return [t.items.names[i] for i in t.context_of([t.rows[user]])[1][0].tolist()]
 
     for user in table:
         assert context(bulk, user) == context(table, user), user
@@ -263,3 +263,22 @@ def test_items_that_leave_the_recent_bag_are_remembered_as_met_earlier():
     assert again.view("u").earlier == table.view("u").earlier
     listed = Profile.from_record(table.get("u").to_record(rules), rules)
     assert listed.view(rules).earlier == table.view("u").earlier
+
+
+def test_compacting_the_pools_between_batches_changes_no_profile(monkeypatch):
+    """Rows grow into larger extents and leave the old ones behind; compacting after
+    every batch (the threshold at nothing) keeps every row equal to the reference."""
+    monkeypatch.setattr("actors.extents.MIN_IDLE", 0)
+    monkeypatch.setattr("actors.extents.IDLE_SHARE", 0.0)
+    rules = ProfileRules.from_settings(ROOMY)
+    rng = random.Random(23)
+    table, profiles = ProfileTable(rules, capacity=8), {}
+    for seq in range(1, 30):
+        batch = random_batch(rng, rng.randint(1, 150), users=60, spread=30 * DAY, ties=False)
+        table.apply(batch, seq, "j")
+        reference_apply(profiles, rules, batch, seq)
+        if seq % 7 == 0:
+            table.remove(f"u{seq}")
+            profiles.pop(f"u{seq}", None)
+    assert table.recent.idle == 0
+    assert_same(table, profiles, rules)
