@@ -620,3 +620,13 @@ def test_a_part_with_duplicates_journals_only_its_new_events(settings):
     assert first["applied"] == 1 and (both["applied"], both["duplicate"]) == (1, 1)
     assert [(r.events, r.lines) for r in rows] == [(valid[:1], [0]), (valid[1:], [1])]
     assert held == [1, 1]
+
+
+def test_a_part_that_cannot_be_decoded_is_refused_and_nothing_is_journaled(settings):
+    async def scenario():
+        node = shard(settings)
+        with pytest.raises(ValueError):
+            await node.apply_part("src", b"not an encoded part")
+        return list(node.state.store.read_journal("A", 0))
+
+    assert asyncio.run(scenario()) == []
