@@ -14,7 +14,10 @@ from ray import serve
 api = FastAPI()
 
 
-@serve.deployment(name="NoOp", max_ongoing_requests=256)
+# Persona's ingress options (serving/app.py): the same concurrency, no access log.
+@serve.deployment(
+    name="NoOp", max_ongoing_requests=256, logging_config={"enable_access_log": False}
+)
 @serve.ingress(api)
 class NoOp:
     def __init__(self, users: int):
