@@ -122,8 +122,8 @@ class ProfileTable:
         self.embedding: dict[int, tuple[np.ndarray, float]] = {}
         self.clock = 0  # LRU: each touch stamps rows with a larger number
         self.capacity = 0
-        if rules.recent_n >= 255:
-            raise ValueError("recent_actions must be below 255 (contexts hold bag slots)")
+        # Context entries are bag slots + 1: one byte each while the bag has < 255 slots.
+        self._context_dtype = np.uint8 if rules.recent_n < 255 else np.uint16
         self._allocate(capacity)
         self._weights = np.array(rules.weights, dtype=np.float64)
         self._hide = rules.codes.get(HIDE, -1)
@@ -151,7 +151,7 @@ class ProfileTable:
             ("n_hidden", (), np.int16),
             # The last CONTEXT engagements in the recent bag by time, oldest first, as
             # bag slot + 1 (0: none): what new engagements pair with.
-            ("context", (CONTEXT,), np.uint8),
+            ("context", (CONTEXT,), self._context_dtype),
         ):
             grown = np.zeros((capacity, *shape), dtype=dtype)
             if n:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import gc
 import json
 import os
@@ -32,7 +34,7 @@ import numpy as np
 
 from actors.dedup import dedup_key
 from actors.freshness import Freshness
-from actors.profile import ProfileRules
+from actors.profile import HIDE, STORED_SCALARS, ProfileRules
 from actors.profile_table import ProfileTable
 from actors.shard_state import CHECKPOINT_CHUNK, CheckedBatch, ShardState
 from bench.checkpoint_bench import code_version
@@ -729,57 +731,187 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc), so RSS counts what is held."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def bench_memory(args) -> dict:
-    """Resident bytes per profile of 20 topics and 50 recent actions: the profile
-    table as shards hold it, and (for 100k users) one Profile object per user as the
-    first version held them."""
+    """Resident bytes per profile of the profile table as shards hold it, filled with
+    the generator's mix of users (jobs/generate.py: activity ~ pareto(1.5) + 1, most
+    users light, some heavy) and, for comparison up to UNIFORM_UP_TO users, with every
+    user at 20 topics and 50 recent actions; plus (100k users at most) one Profile
+    object per user of the uniform mix, as the first version held them."""
     settings = load_settings()
     rules = ProfileRules.from_settings(settings)
-    rng = np.random.default_rng(9)
-    gc.collect()
-    before = rss_bytes()
-    table = ProfileTable(rules)
-    for at in range(0, args.users, 100_000):
-        _fill_rows(table, range(at, min(args.users, at + 100_000)), rng)
-    gc.collect()
-    after = rss_bytes()
-    objects = min(args.users, 100_000)
-    before_objects = rss_bytes()
-    kept = [table.get(f"user-{n}") for n in range(objects)]
-    gc.collect()
-    object_bytes = (rss_bytes() - before_objects) / objects
-    del kept
-    return {
-        "bench": "memory",
-        "users": args.users,
-        "topics_per_user": 20,
-        "recent_per_user": 50,
-        "bytes_per_profile": (after - before) / args.users,
-        "dense_row_bytes": table.nbytes() / table.capacity,
-        "object_model_bytes_per_profile": object_bytes,
-    }
+    result = {"bench": "memory", "users": args.users, "mix": MIX}
+    fills = [("generator_mix", _mix_records), ("uniform", _uniform_records)]
+    for name, fill in fills[: 2 if args.users <= UNIFORM_UP_TO else 1]:
+        rng = np.random.default_rng(9)
+        gc.collect()
+        _trim_heap()
+        before = rss_bytes()
+        table = ProfileTable(rules)
+        shape = {"recent": 0, "topics": 0, "hidden": 0, "filters": 0}
+        # Small chunks: the records are Python objects, and the heap they leave behind
+        # when freed would otherwise be counted as the table's.
+        for at in range(0, args.users, 10_000):
+            records = fill(rules, range(at, min(args.users, at + 10_000)), rng)
+            for record in records:
+                shape["recent"] += len(record["ri"])
+                shape["topics"] += len(record["tn"])
+                shape["hidden"] += len(record.get("h") or ())
+                shape["filters"] += "sb" in record
+            table.put_records(records)
+            del records
+        gc.collect()
+        _trim_heap()
+        after = rss_bytes()
+        result[name] = {
+            "bytes_per_profile": (after - before) / args.users,
+            "array_bytes_per_profile": {
+                part: n / args.users for part, n in table.layout_bytes().items()
+            },
+            "per_profile": {part: n / args.users for part, n in shape.items()},
+        }
+        if name == "uniform":
+            objects = min(args.users, 100_000)
+            before_objects = rss_bytes()
+            kept = [table.get(f"user-{n}") for n in range(objects)]
+            gc.collect()
+            result["object_model_bytes_per_profile"] = (rss_bytes() - before_objects) / objects
+            del kept
+        del table
+    result["bytes_per_profile"] = result["generator_mix"]["bytes_per_profile"]
+    return result
 
 
-def _fill_rows(table: ProfileTable, numbers: range, rng) -> None:
-    """Profiles of 20 topics (of 500) and 50 recent actions (of 100k items), written
-    straight into the table's arrays: building them event by event takes minutes."""
-    count = len(numbers)
-    rows = table._rows_for([f"user-{n}" for n in numbers])
-    if len(table.topics) < 500:
-        table.topics.encode([f"topic-{t}" for t in range(500)])
-        table.items.encode([f"item-{i}" for i in range(100_000)])
-    table.events[rows] = table.counts[rows, 0] = 50
-    table.version[rows] = 1
-    table.t0[rows] = table.first_seen[rows] = T0
-    table.last_seen[rows] = T0 + 50
-    table.n_topics[rows] = 20
-    table.topic_ids[rows, :20] = 1 + np.argpartition(rng.random((count, 500)), 20, axis=1)[:, :20]
-    table.topic_scores[rows, :20] = rng.random((count, 20))
-    table.n_recent[rows] = 50
-    table.recent_ts[rows, :50] = T0 + np.arange(50)
-    table.recent_item[rows, :50] = rng.integers(1, 100_001, (count, 50))
-    table.recent_code[rows, :50] = 0
-    table.dirty[rows] = True
+# The uniform mix (the figure of earlier runs) is measured up to this many users.
+UNIFORM_UP_TO = 1_000_000
+# The generator's mix (jobs/generate.py at its defaults: 100,000 events for 2,000 users,
+# 24 topics, 30 days), drawn per user instead of event by event.
+MIX = (
+    "jobs/generate.py's users: events ~ multinomial over activity pareto(1.5)+1, "
+    "mean 50 a user; 2-4 interest topics (+1 after a drift) of 24, 8% of events "
+    "off-interest (half of them hides); 70/18/6/4/2% view/click/save/like/share; "
+    "100k items; 30 days of millisecond times"
+)
+MIX_EVENTS_PER_USER = 50
+MIX_TOPICS = 24
+MIX_ITEMS = 100_000
+MIX_ACTIONS = (("view", 0.70), ("click", 0.18), ("save", 0.06), ("like", 0.04), ("share", 0.02))
+
+
+def _mix_records(rules: ProfileRules, numbers: range, rng) -> list[dict]:
+    """Stored records (the columnar form shards write) of users drawn as
+    jobs/generate.py draws them, built from arrays: generating the events themselves
+    and applying them takes minutes per million users."""
+    users = len(numbers)
+    activity = rng.pareto(1.5, size=users) + 1
+    events = rng.multinomial(MIX_EVENTS_PER_USER * users, activity / activity.sum())
+    events = np.maximum(events, 1)
+    total = int(events.sum())
+    owner = np.repeat(np.arange(users), events)
+    # Per event: off interest (8%; half of those are hides), its topic and item.
+    interests = rng.integers(0, MIX_TOPICS, size=(users, 5))  # 2-4 of them, +1 drift
+    n_interests = rng.integers(2, 5, size=users) + (rng.random(users) < 0.5)
+    off = rng.random(total) < 0.08
+    pick = (rng.random(total) * n_interests[owner]).astype(np.int64)
+    topic = np.where(off, rng.integers(0, MIX_TOPICS, size=total), interests[owner, pick])
+    hide = off & (rng.random(total) < 0.5)
+    actions = list(rules.actions)
+    kinds = [rules.codes[a] for a, _ in MIX_ACTIONS]
+    code = rng.choice(kinds, size=total, p=[p for _, p in MIX_ACTIONS])
+    code = np.where(hide, rules.codes[HIDE], code)
+    item = rng.zipf(1.3, size=total) % MIX_ITEMS
+    ts = np.round(T0 + rng.uniform(0, 30 * 86_400, size=total), 3)
+    order = np.lexsort((ts, owner))
+    owner, topic, code, item, ts = owner[order], topic[order], code[order], item[order], ts[order]
+    ends = np.cumsum(events)
+    starts = ends - events
+    counts = np.zeros((users, len(actions)), dtype="<i4")
+    np.add.at(counts, (owner, code), 1)
+    item_names = _mix_items()
+    topic_names = [f"topic-{t:02d}" for t in range(MIX_TOPICS)]
+    rate = rules.rate
+    records = []
+    for u, number in enumerate(numbers):
+        a, b = int(starts[u]), int(ends[u])
+        t0 = float(ts[a])
+        weight = np.exp(rate * (ts[a:b] - t0)) * np.asarray(rules.weights)[code[a:b]]
+        scores = np.bincount(topic[a:b], weights=weight, minlength=MIX_TOPICS)
+        held = np.flatnonzero(np.bincount(topic[a:b], minlength=MIX_TOPICS))[: rules.top_k]
+        r = max(a, b - rules.recent_n)
+        scalars = np.array(
+            [(t0, float(ts[b - 1]), t0, b - a, b - a, 1)], dtype=STORED_SCALARS
+        ).tobytes()
+        record = {
+            "s": 2,
+            "u": f"user-{number}",
+            "x": scalars,
+            "an": actions,
+            "c": counts[u].tobytes(),
+            "tn": [topic_names[t] for t in held.tolist()],
+            "tv": scores[held].tobytes(),
+            "rt": ts[r:b].tobytes(),
+            "ri": item_names[item[r:b]].tolist(),
+            "ra": code[r:b].astype(np.uint8).tobytes(),
+            "j": "bench",
+        }
+        hidden = np.flatnonzero(code[a:b] == rules.codes[HIDE])
+        if len(hidden):
+            names = item_names[item[a:b][hidden]].tolist()
+            record["h"] = dict(zip(names, ts[a:b][hidden].tolist(), strict=True))
+            if len(record["h"]) > rules.hidden_n:
+                record["h"] = dict(list(record["h"].items())[-rules.hidden_n :])
+        if b - a > rules.recent_n and rules.seen_bytes:
+            record["sb"] = rng.integers(0, 256, rules.seen_bytes, dtype=np.uint8).tobytes()
+        records.append(record)
+    return records
+
+
+@functools.cache
+def _uniform_items() -> np.ndarray:
+    return np.array([f"item-{i}" for i in range(100_000)], dtype=object)
+
+
+@functools.cache
+def _mix_items() -> np.ndarray:
+    return np.array([f"item-{i:06d}" for i in range(MIX_ITEMS)], dtype=object)
+
+
+def _uniform_records(rules: ProfileRules, numbers: range, rng) -> list[dict]:
+    """Records of 20 topics (of 500) and 50 recent actions (of 100k items) per user,
+    all views: the figure earlier runs reported."""
+    names = _uniform_items()
+    actions = list(rules.actions)
+    scalars = np.array([(T0, T0 + 50, T0, 50, 1, 1)], dtype=STORED_SCALARS).tobytes()
+    counts = np.zeros(len(actions), dtype="<i4")
+    counts[0] = 50
+    ts = (T0 + np.arange(50.0)).tobytes()
+    codes = bytes(50)
+    records = []
+    for number in numbers:
+        topics = 1 + np.argpartition(rng.random(500), 20)[:20]
+        records.append(
+            {
+                "s": 2,
+                "u": f"user-{number}",
+                "x": scalars,
+                "an": actions,
+                "c": counts.tobytes(),
+                "tn": [f"topic-{t}" for t in topics.tolist()],
+                "tv": rng.random(20).tobytes(),
+                "rt": ts,
+                "ri": names[rng.integers(0, 100_000, 50)].tolist(),
+                "ra": codes,
+                "j": "bench",
+            }
+        )
+    return records
 
 
 def main() -> None:
