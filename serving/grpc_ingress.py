@@ -17,9 +17,11 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from actors.events import check_id
 from persona.errors import PersonaError, ShardUnavailable, StaleEpoch, StoreUnavailable
@@ -30,7 +32,7 @@ from serving.views import ApiError, check_lookup_ids, lookup_profiles, lookup_vi
 log = logging.getLogger(__name__)
 
 # What Serve's gRPC proxy imports to register the service (gRPCOptions, serve.yaml).
-SERVICER = "serving.persona_pb2_grpc.add_PersonaServicer_to_server"
+SERVICER = "serving.grpc_ingress.add_servicer"
 # Recommend's k as GET /v1/users/{id}/recommendations takes it: 20 unless given, 1-200.
 DEFAULT_K, MAX_K = 20, 200
 MAX_TOPIC_CHARS = 64
@@ -48,6 +50,45 @@ _CODE_OF_HTTP = {
 }
 # Persona's errors: the ones worth a retry are UNAVAILABLE (the HTTP API's 503s).
 _RETRYABLE = (ShardUnavailable, StoreUnavailable, StaleEpoch)
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes are no message of its type. gRPC answers a decoder that
+    raises with UNKNOWN before Persona's code runs; this reaches the method instead,
+    which answers INVALID_ARGUMENT."""
+
+    type_name: str
+    reason: str
+
+
+def _lenient(message_type: type) -> Callable[[bytes], Any]:
+    def decode(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(message_type.DESCRIPTOR.full_name, str(exc))
+
+    return decode
+
+
+def add_servicer(servicer: Any, server: Any) -> None:
+    """Register persona.v1.Persona on ``server`` as the generated
+    ``persona_pb2_grpc.add_PersonaServicer_to_server`` does, with requests decoded by
+    ``_lenient``. Serve's gRPC proxy and replicas call it (SERVICER) with a stand-in
+    servicer and route each method to the Ingress."""
+    service = pb.DESCRIPTOR.services_by_name["Persona"]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in service.methods
+    }
+    generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
+    server.add_generic_rpc_handlers((generic,))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def grpc_options(settings: Settings) -> dict | None:
@@ -84,6 +125,10 @@ def _rpc(empty: type) -> Callable:
         @functools.wraps(method)  # Serve reads the signature: it passes grpc_context
         async def call(self, request, grpc_context=None):
             try:
+                if isinstance(request, Undecodable):
+                    raise ApiError(
+                        400, "malformed_request", f"not a {request.type_name}: {request.reason}"
+                    )
                 return await method(self, request, grpc_context)
             except Exception as exc:
                 code, details = status_of(exc)

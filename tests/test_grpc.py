@@ -218,6 +218,25 @@ def test_bad_input_is_invalid_argument_with_the_reason(served, method, request_,
     assert reason in error.details()
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"\x0a\x02\xff\xfe", b"\x0a\x05ab", b"\xff\xff\xff\xff"],
+    ids=["bad-utf8", "truncated", "garbage"],
+)
+def test_bytes_that_are_no_message_are_invalid_argument(served, body):
+    """A broken client's bytes: grpc would answer UNKNOWN before Persona's code ran."""
+    _http, channel, _fleet = served
+    raw = channel.unary_unary(
+        "/persona.v1.Persona/GetProfile",
+        request_serializer=lambda data: data,
+        response_deserializer=lambda data: data,
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        raw(body, metadata=[("application", APP)], timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a persona.v1.GetProfileRequest" in caught.value.details()
+
+
 def test_protected_reads_need_a_read_token(served):
     _http, channel, _fleet = served
     request = pb.GetProfileRequest(user_id=USERS[0])

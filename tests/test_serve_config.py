@@ -61,5 +61,5 @@ def test_grpc_options_register_the_persona_service_on_the_settings_port():
     options = gRPCOptions(**load().grpc_options.model_dump())  # what the controller builds
     assert options.grpc_servicer_functions == [SERVICER]
     (register,) = options.grpc_servicer_func_callable  # importable, callable
-    assert register.__name__ == "add_PersonaServicer_to_server"
+    assert register.__name__ == "add_servicer"
     assert options.port == Settings().grpc_port
