@@ -378,7 +378,8 @@ def _time_dedup(shard) -> int:
 
         setattr(owner, name, timed)
 
-    wrap(state, "dedup_keys", "dedup_keys", lambda a: len(a[1]))
+    # dedup_keys takes a CheckedBatch from the shard (its events elsewhere).
+    wrap(state, "dedup_keys", "dedup_keys", lambda a: len(getattr(a[1], "events", a[1])))
     wrap(state, "fetch_dedup", "fetch_dedup", lambda a: len(a[0]))
     wrap(state, "install_dedup", "install_dedup", lambda a: len(a[0][0]))
     wrap(state, "prepare", "prepare", lambda a: len(a[1].events))
