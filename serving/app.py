@@ -152,7 +152,7 @@ async def _unexpected(_request: Request, _exc: Exception) -> JSONResponse:
 # would make one series per id).
 ENDPOINTS = {
     "get_profile": "profile",
-    "lookup_profiles": "profiles_lookup",
+    "batch_get_profiles": "profiles_lookup",
     "get_recommendations": "recommendations",
     "post_events": "events",
     "delete_user": "delete",
@@ -346,7 +346,7 @@ class Ingress(console.ConsoleReads, experiment_routes.ExperimentRoutes, grpc_ing
         "each shard in one call. Users without a profile (never seen, deleted) are listed "
         "in `missing`, not an error.",
     )
-    async def lookup_profiles(
+    async def batch_get_profiles(
         self, request: Request, authorization: str | None = Header(None)
     ) -> JSONResponse:
         self.tokens.authorize(authorization, self.read_role)
