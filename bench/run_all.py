@@ -234,9 +234,15 @@ def run_ingest(size: dict) -> dict:
     return ingest
 
 
+def run_memory(size: dict) -> list[dict]:
+    """Resident bytes per profile, the generator's mix, at each size (issue #16)."""
+    return [run_module("bench.shard_bench", "memory", "--users", str(n)) for n in size["memory"]]
+
+
 # Benchmarks that can also run alone (--only NAME), merged into the last results.json.
 SEPARATE = {
     "ingest": run_ingest,
+    "memory": run_memory,
     "scaling": run_scaling,
     "durability": run_durability,
     "checkpoint_bounds": run_checkpoint_bounds,
@@ -262,9 +268,7 @@ def collect(quick: bool) -> dict:
     )
     r["checkpoint_bounds"] = run_checkpoint_bounds(size)
     r["recovery"] = run_module("bench.shard_bench", "recovery", "--users", str(size["recovery"]))
-    r["memory"] = [
-        run_module("bench.shard_bench", "memory", "--users", str(n)) for n in size["memory"]
-    ]
+    r["memory"] = run_memory(size)
     r["http"] = run_http(size)
     r["exposures"] = run_exposures(size)
     r["grpc"] = run_grpc(size)
@@ -357,9 +361,10 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
         row(
             f"resident bytes per profile ({_get(memory, -1, 'users', default=0):,} users, "
             "the generator's mix)",
-            "<= 1,024",
+            "<= 1,024 (3M users)",
             _get(memory, -1, "bytes_per_profile"),
-            lambda v: v <= 1024,
+            # The goal's size: a smaller run (--quick) carries the vocabulary's share.
+            lambda v: v <= 1024 if _get(memory, -1, "users", default=0) >= 3_000_000 else None,
         ),
         row(
             "GET profile req/s / Serve no-op route (32 conns, same run)",
