@@ -162,8 +162,9 @@ class Extents:
             src, dst = _ranges(old_off * self.block, keep), _ranges(new_off * self.block, keep)
             for column in self.columns.values():
                 column[dst] = column[src]
-        self._give(old_off, old_c)
+        # Point the rows at their copies before the old extents are freed (and zeroed).
         self.off[rows] = new_off
+        self._give(old_off, old_c)
 
     # --- reading and writing ---
     def at(self, rows: np.ndarray, slots: np.ndarray) -> np.ndarray:
