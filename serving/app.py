@@ -43,7 +43,10 @@ from serving.exposures import ExposureLog
 from serving.metrics import EventMetrics, ExposureMetrics, RequestMetrics
 from serving.recommend import RecommenderCore
 from serving.views import (
+    DEFAULT_K,
+    MAX_K,
     MAX_LOOKUP_IDS,
+    MAX_TOPIC_CHARS,
     ApiError,
     BodyLimits,
     decode_json,
@@ -371,8 +374,8 @@ class Ingress(console.ConsoleReads, experiment_routes.ExperimentRoutes, grpc_ing
         self,
         request: Request,
         user_id: str,
-        k: int = Query(20, ge=1, le=200),
-        topic: str | None = Query(None, max_length=64),
+        k: int = Query(DEFAULT_K, ge=1, le=MAX_K),
+        topic: str | None = Query(None, max_length=MAX_TOPIC_CHARS),
         exclude_seen: bool = True,
         authorization: str | None = Header(None),
     ) -> JSONResponse:

@@ -27,15 +27,21 @@ from actors.events import check_id
 from persona.errors import PersonaError, ShardUnavailable, StaleEpoch, StoreUnavailable
 from persona.settings import Settings
 from serving import persona_pb2 as pb
-from serving.views import ApiError, check_lookup_ids, lookup_profiles, lookup_view, profile_view
+from serving.views import (
+    DEFAULT_K,
+    MAX_K,
+    MAX_TOPIC_CHARS,
+    ApiError,
+    check_lookup_ids,
+    lookup_profiles,
+    lookup_view,
+    profile_view,
+)
 
 log = logging.getLogger(__name__)
 
 # What Serve's gRPC proxy imports to register the service (gRPCOptions, serve.yaml).
 SERVICER = "serving.grpc_ingress.add_servicer"
-# Recommend's k as GET /v1/users/{id}/recommendations takes it: 20 unless given, 1-200.
-DEFAULT_K, MAX_K = 20, 200
-MAX_TOPIC_CHARS = 64
 
 # The HTTP statuses of the API's refusals (serving.views.ApiError) as gRPC codes, by the
 # usual correspondence; the HTTP API's 413s are bad input for a caller of this API.

@@ -21,6 +21,10 @@ from actors.profile import ProfileRules, ProfileView
 # gRPC ingress): it bounds the work one request buys and its answer (a full profile is
 # ~5 KB of JSON, so ~5 MB at most).
 MAX_LOOKUP_IDS = 1000
+# Recommendations one request asks for (GET .../recommendations?k=, gRPC Recommend): 20
+# unless given, at most 200; a topic filter of at most 64 characters.
+DEFAULT_K, MAX_K = 20, 200
+MAX_TOPIC_CHARS = 64
 
 
 def profile_view(
