@@ -1082,7 +1082,15 @@ def grpc_section(g: dict) -> list[str]:
             if "batch_grpc_to_http" in g
             else ""
         )
-        + " in the same run (404s and NOT_FOUNDs of users without events count as answers).",
+        + " in the same run (404s and NOT_FOUNDs of users without events count as answers); "
+        "the server spends "
+        + " and ".join(
+            f"{g[key]['grpc']['server_cpu_ms_per_request'] / g[key]['http']['server_cpu_ms_per_request']:.2f}x"
+            f" the CPU per {what}"
+            for key, what in (("profile", "profile read"), ("batch_lookup", "lookup"))
+            if key in g and "server_cpu_ms_per_request" in g[key]["http"]
+        )
+        + " over gRPC.",
     ]
     return lines
 
