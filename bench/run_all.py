@@ -173,32 +173,28 @@ def run_exposures(size: dict) -> dict:
     )
 
 
-def run_http(size: dict) -> dict:
-    """GET profile, recommendations, batch lookups and POST events with wrk, beside the
-    same no-op route under plain uvicorn and under Ray Serve (issue #16)."""
-    return run_module(
-        "bench.http_bench",
+def _http_sizes(size: dict) -> list[str]:
+    """The seconds, users and items every HTTP-facing benchmark of a run shares."""
+    return [
         "--seconds",
         str(size["http_s"]),
         "--users",
         str(size["http_users"]),
         "--items",
         str(size["http_items"]),
-    )
+    ]
+
+
+def run_http(size: dict) -> dict:
+    """GET profile, recommendations, batch lookups and POST events with wrk, beside the
+    same no-op route under plain uvicorn and under Ray Serve (issue #16)."""
+    return run_module("bench.http_bench", *_http_sizes(size))
 
 
 def run_grpc(size: dict) -> dict:
     """GetProfile and BatchGetProfiles over gRPC beside the same reads over HTTP, on one
     app, by the same kind of client, alternating (issue #16)."""
-    return run_module(
-        "bench.grpc_bench",
-        "--seconds",
-        str(size["http_s"]),
-        "--users",
-        str(size["http_users"]),
-        "--items",
-        str(size["http_items"]),
-    )
+    return run_module("bench.grpc_bench", *_http_sizes(size))
 
 
 def run_movielens(size: dict) -> dict:
